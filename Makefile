@@ -1,0 +1,32 @@
+# `make test` and `make demo` each build .venv from nothing when it is missing or older than
+# pyproject.toml, then do their job. CI calls `make test` (see .ci/run).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Tests see 8 host devices so multi-device code runs on CPU.
+TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 $(XLA_FLAGS)"
+
+.PHONY: test demo lint weights clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+weights: $(STAMP)
+	$(BIN)/python -m clade_jax.weights inception
+
+test: $(STAMP) lint
+	$(TEST_ENV) $(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python -m clade_jax.demo --workdir=workdirs/demo
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,121 @@
+"""CLADE: class-adaptive normalization (Tan et al.), with the ICPE and instance-edge options.
+
+`ClassAffine` holds two (num_classes, C) tables and modulates a normalized activation by a gather:
+`y = x_hat * scale[label] + shift[label]` (the official layer has no "1 +", unlike SPADE).
+
+`CLADE` = `ParamFreeNorm` + `ClassAffine`, plus two options of the official code:
+
+* ICPE (`icpe=True`, CLADE's `--add_dist`): a 2-channel intra-class positional map P (see
+  `labels.icpe_offsets`) modulates the gathered tables through two 1x1 convs 2 -> 1:
+  `scale *= 1 + conv_s(P)`, `shift *= 1 + conv_b(P)`.
+* instance edges (`instance_edge=True`, the official `norm_mode=clade` without `--no_instance`): a
+  learned 1x1 conv (1 -> 1) of the edge map is appended as one extra output channel, so the next
+  convolution sees C + 1 channels (the paper's appendix A).
+
+Out-of-range labels: JAX clamps out-of-bounds gathers, so a label 255 would silently borrow the
+last class's parameters. The gather here uses `mode="fill"` with NaN, which turns any such pixel into
+NaN; host code (`labels.check_labels`) raises before that can happen, and the trainer stops on NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clade_jax.layers.conv import Conv2d
+from clade_jax.layers.labels import resize_nearest
+from clade_jax.layers.normalization import ParamFreeNorm
+
+
+def gather_classes(table: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """table (K, C), labels (N, H, W) int -> (N, H, W, C); NaN where a label is outside [0, K)."""
+    return jnp.take(table, labels, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+class ClassAffine(nnx.Module):
+    """The (num_classes, C) class-wise affine tables of CLADE.
+
+    Init as the official `ClassAffine`: scale ~ U[0, 1), shift = 0 (the official
+    `init_weights` does not touch this module).
+    """
+
+    def __init__(self, num_classes: int, num_features: int, *, rngs: nnx.Rngs):
+        self.scale = nnx.Param(jax.random.uniform(rngs.params(), (num_classes, num_features)))
+        self.shift = nnx.Param(jnp.zeros((num_classes, num_features), jnp.float32))
+
+    def tables(self, labels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """labels (N, H, W) -> per-pixel (scale, shift), each (N, H, W, C) float32."""
+        return gather_classes(self.scale.value, labels), gather_classes(self.shift.value, labels)
+
+    def __call__(self, x_hat: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+        scale, shift = self.tables(labels)
+        return (x_hat * scale + shift).astype(x_hat.dtype)
+
+
+class CLADE(nnx.Module):
+    """Class-adaptive normalization.
+
+    Args:
+      num_features: channels C of the normalized input.
+      num_classes: rows of the class tables (count the don't-care class if the data has one).
+      norm: the parameter-free part ("batch", "instance", "switchable", "none").
+      icpe: add the ICPE modulation (two 1x1 convs 2 -> 1).
+      instance_edge: append the 1x1-transformed instance-edge channel (output has C + 1 channels).
+      dtype: compute dtype of the 1x1 convs.
+      norm_kwargs: extra arguments of `ParamFreeNorm` (momentum, eps, switchable_batch).
+
+    Call: `y = clade(x, labels, icpe=P, edges=E)` with x (N, H, W, C), labels (N, h, w) int,
+    P (N, h, w, 2) float, E (N, h, w) float; maps are nearest-resized to (H, W) with PyTorch's rule
+    (a no-op when the caller passes them at x's resolution, as the generators do).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        norm: str = "batch",
+        *,
+        icpe: bool = False,
+        instance_edge: bool = False,
+        dtype=jnp.float32,
+        norm_kwargs: dict | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.param_free_norm = ParamFreeNorm(num_features, norm, **(norm_kwargs or {}))
+        self.class_affine = ClassAffine(num_classes, num_features, rngs=rngs)
+        self.use_icpe = icpe
+        self.instance_edge = instance_edge
+        if icpe:
+            # The official class initialises these to zero, but `init_weights` then re-initialises
+            # every Conv (xavier 0.02, zero bias); we match the trained models' actual init.
+            self.icpe_scale = Conv2d(2, 1, 1, dtype=dtype, rngs=rngs)
+            self.icpe_shift = Conv2d(2, 1, 1, dtype=dtype, rngs=rngs)
+        if instance_edge:
+            self.inst_conv = Conv2d(1, 1, 1, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        labels: jnp.ndarray,
+        *,
+        icpe: jnp.ndarray | None = None,
+        edges: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
+        size = x.shape[1:3]
+        x_hat = self.param_free_norm(x)
+        labels = resize_nearest(labels, size)
+        scale, shift = self.class_affine.tables(labels)  # (N, H, W, C) each
+        if self.use_icpe:
+            if icpe is None:
+                raise ValueError("this CLADE layer was built with icpe=True: pass icpe=(N,H,W,2)")
+            p = resize_nearest(icpe, size)
+            scale = scale * (1 + self.icpe_scale(p).astype(jnp.float32))
+            shift = shift * (1 + self.icpe_shift(p).astype(jnp.float32))
+        y = (x_hat * scale + shift).astype(x.dtype)
+        if self.instance_edge:
+            if edges is None:
+                raise ValueError("this CLADE layer was built with instance_edge=True: pass edges")
+            e = resize_nearest(edges, size)[..., None].astype(x.dtype)
+            y = jnp.concatenate([y, self.inst_conv(e).astype(x.dtype)], axis=-1)
+        return y

@@ -1,0 +1,92 @@
+"""SPADE: spatially-adaptive normalization (Park et al., CVPR 2019).
+
+`y = x_hat * (1 + gamma(m)) + beta(m)` where m = ReLU(conv3x3(one_hot(labels) [+ edges])) is the
+128-channel shared modulation feature (128 is hard-coded in the official code) and gamma, beta are
+3x3 convs to C channels. The one-hot map is built here, at the layer's resolution, from the integer
+label map; labels outside [0, num_classes) produce NaN (one_hot would silently give a zero row).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clade_jax.layers.conv import Conv2d
+from clade_jax.layers.labels import resize_nearest
+from clade_jax.layers.normalization import ParamFreeNorm
+
+
+def semantic_input(
+    labels: jnp.ndarray, num_classes: int, edges: jnp.ndarray | None = None, dtype=jnp.float32
+) -> jnp.ndarray:
+    """One-hot (N, H, W, K) of `labels` (N, H, W), with the edge map appended as channel K if given.
+
+    This is the official generator / discriminator input (`preprocess_input`), NHWC.
+    """
+    x = jax.nn.one_hot(labels, num_classes, dtype=dtype)
+    if edges is not None:
+        x = jnp.concatenate([x, edges[..., None].astype(dtype)], axis=-1)
+    return x
+
+
+def nan_where_invalid(y: jnp.ndarray, labels: jnp.ndarray, num_classes: int) -> jnp.ndarray:
+    """Poison pixels whose label is outside [0, num_classes) with NaN (y is (N, H, W, C))."""
+    bad = (labels < 0) | (labels >= num_classes)
+    return jnp.where(bad[..., None], jnp.nan, y)
+
+
+class SPADE(nnx.Module):
+    """Spatially-adaptive normalization.
+
+    Args:
+      num_features: channels C of the normalized input.
+      num_classes: one-hot channels (count the don't-care class if the data has one).
+      norm: the parameter-free part ("batch", "instance", "switchable", "none").
+      instance_edge: the modulation net also sees the instance-edge map (one more input channel).
+      hidden: width of the shared modulation conv (128 in the papers).
+      kernel_size: kernel of the modulation convs (3 in the papers).
+      dtype: compute dtype.
+      norm_kwargs: extra arguments of `ParamFreeNorm`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        norm: str = "batch",
+        *,
+        instance_edge: bool = False,
+        hidden: int = 128,
+        kernel_size: int = 3,
+        dtype=jnp.float32,
+        norm_kwargs: dict | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.num_classes = num_classes
+        self.instance_edge = instance_edge
+        self.dtype = dtype
+        in_ch = num_classes + (1 if instance_edge else 0)
+        pad = kernel_size // 2
+        conv = lambda i, o: Conv2d(i, o, kernel_size, padding=pad, dtype=dtype, rngs=rngs)
+        self.param_free_norm = ParamFreeNorm(num_features, norm, **(norm_kwargs or {}))
+        self.mlp_shared = conv(in_ch, hidden)
+        self.mlp_gamma = conv(hidden, num_features)
+        self.mlp_beta = conv(hidden, num_features)
+
+    def __call__(
+        self, x: jnp.ndarray, labels: jnp.ndarray, *, edges: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
+        """x (N, H, W, C), labels (N, h, w) int, edges (N, h, w) -> (N, H, W, C)."""
+        size = x.shape[1:3]
+        x_hat = self.param_free_norm(x)
+        labels = resize_nearest(labels, size)
+        if self.instance_edge:
+            if edges is None:
+                raise ValueError("this SPADE layer was built with instance_edge=True: pass edges")
+            edges = resize_nearest(edges, size)
+        seg = semantic_input(labels, self.num_classes, edges if self.instance_edge else None,
+                             self.dtype)
+        actv = jax.nn.relu(self.mlp_shared(seg))
+        y = x_hat * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+        return nan_where_invalid(y, labels, self.num_classes).astype(x.dtype)
