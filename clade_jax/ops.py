@@ -16,9 +16,12 @@ import numpy as np
 
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out, in) float32 matrix of PyTorch's bilinear rule with align_corners=False."""
-    scale = in_size / out_size
-    dst = np.arange(out_size, dtype=np.float64)
-    src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
+    # PyTorch's CPU kernel computes the source coordinate in float32: scale = float(in / out),
+    # src = scale * (dst + 0.5) - 0.5, each step rounded to float32.
+    scale = np.float32(in_size / out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
+    src = src.astype(np.float64)
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
     frac = src - i0

@@ -1,8 +1,8 @@
 """Public, stable layers of clade_jax, usable inside any Flax NNX model.
 
-    from clade_jax.layers import CLADE
-    norm = CLADE(num_features=256, num_classes=151, norm="batch", rngs=nnx.Rngs(0))
-    y = norm(x, labels)  # x (N, H, W, C), labels (N, h, w) int32
+from clade_jax.layers import CLADE
+norm = CLADE(num_features=256, num_classes=151, norm="batch", rngs=nnx.Rngs(0))
+y = norm(x, labels)  # x (N, H, W, C), labels (N, h, w) int32
 """
 
 from clade_jax.layers.clade import CLADE, ClassAffine, gather_classes

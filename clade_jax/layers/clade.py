@@ -13,8 +13,8 @@
   convolution sees C + 1 channels (the paper's appendix A).
 
 Out-of-range labels: JAX clamps out-of-bounds gathers, so a label 255 would silently borrow the
-last class's parameters. The gather here uses `mode="fill"` with NaN, which turns any such pixel into
-NaN; host code (`labels.check_labels`) raises before that can happen, and the trainer stops on NaN.
+last class's parameters. The gather here uses `mode="fill"` with NaN, which turns any such pixel
+into NaN; host code (`labels.check_labels`) raises before that can happen, and the trainer stops on NaN.
 """
 
 from __future__ import annotations
@@ -29,8 +29,12 @@ from clade_jax.layers.normalization import ParamFreeNorm
 
 
 def gather_classes(table: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-    """table (K, C), labels (N, H, W) int -> (N, H, W, C); NaN where a label is outside [0, K)."""
-    return jnp.take(table, labels, axis=0, mode="fill", fill_value=jnp.nan)
+    """table (K, C), labels (N, H, W) int -> (N, H, W, C); NaN where a label is outside [0, K).
+
+    The cast to unsigned makes negative labels out of range too (`take` would otherwise wrap -1
+    to the last row, NumPy-style).
+    """
+    return jnp.take(table, labels.astype(jnp.uint32), axis=0, mode="fill", fill_value=jnp.nan)
 
 
 class ClassAffine(nnx.Module):
@@ -46,7 +50,7 @@ class ClassAffine(nnx.Module):
 
     def tables(self, labels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """labels (N, H, W) -> per-pixel (scale, shift), each (N, H, W, C) float32."""
-        return gather_classes(self.scale.value, labels), gather_classes(self.shift.value, labels)
+        return gather_classes(self.scale[...], labels), gather_classes(self.shift[...], labels)
 
     def __call__(self, x_hat: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
         scale, shift = self.tables(labels)

@@ -82,16 +82,16 @@ class Conv2d(nnx.Module):
 
     def weight(self) -> jnp.ndarray:
         """The effective kernel (spectral-normalized if enabled), float32 (kh, kw, in, out)."""
-        w = self.kernel.value
+        w = self.kernel[...]
         if not self.spectral_norm:
             return w
         w_mat = jnp.transpose(w, (3, 2, 0, 1)).reshape(w.shape[3], -1)  # torch (out, in*kh*kw)
-        u, v = self.u.value, self.v.value
+        u, v = self.u[...], self.v[...]
         if not self.use_running_average:
             w_sg = jax.lax.stop_gradient(w_mat)
             v = _l2_normalize(w_sg.T @ u)
             u = _l2_normalize(w_sg @ v)
-            self.u.value, self.v.value = u, v
+            self.u[...], self.v[...] = u, v
         sigma = jnp.dot(u, w_mat @ v)
         return w / sigma
 
@@ -106,7 +106,7 @@ class Conv2d(nnx.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         if self.bias is not None:
-            y = y + self.bias.value.astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype)
         return y
 
 
@@ -119,5 +119,5 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        y = x.astype(self.dtype) @ self.kernel.value.astype(self.dtype)
-        return y + self.bias.value.astype(self.dtype)
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        return y + self.bias[...].astype(self.dtype)

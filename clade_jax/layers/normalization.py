@@ -97,16 +97,18 @@ class ParamFreeNorm(nnx.Module):
 
     def _update_running(self, batch_mean: jnp.ndarray, batch_var: jnp.ndarray) -> None:
         m = self.momentum
-        self.running_mean.value = (1 - m) * self.running_mean.value + m * batch_mean
-        self.running_var.value = (1 - m) * self.running_var.value + m * batch_var
+        self.running_mean[...] = (1 - m) * self.running_mean[...] + m * batch_mean
+        self.running_var[...] = (1 - m) * self.running_var[...] + m * batch_var
 
     def _batch_stats(self, x: jnp.ndarray):
         if self.use_running_average:
-            return self.running_mean.value, self.running_var.value
+            return self.running_mean[...], self.running_var[...]
         mean, var = _moments(x, (0, 1, 2))
         n = x.shape[0] * x.shape[1] * x.shape[2]
         unbiased = var.reshape(-1) * (n / max(n - 1, 1))
-        self._update_running(jax.lax.stop_gradient(mean.reshape(-1)), jax.lax.stop_gradient(unbiased))
+        self._update_running(
+            jax.lax.stop_gradient(mean.reshape(-1)), jax.lax.stop_gradient(unbiased)
+        )
         return mean, var
 
     def _switchable_stats(self, x: jnp.ndarray):
@@ -119,7 +121,7 @@ class ParamFreeNorm(nnx.Module):
         means, variances = [mean_in, mean_ln], [var_in, var_ln]
         if self.switchable_batch:
             if self.use_running_average:
-                mean_bn, var_bn = self.running_mean.value, self.running_var.value
+                mean_bn, var_bn = self.running_mean[...], self.running_var[...]
             else:
                 mean_bn = jnp.mean(mean_in, axis=0, keepdims=True)  # (1, 1, 1, C)
                 var_bn = jnp.mean(second, axis=0, keepdims=True) - jnp.square(mean_bn)
@@ -129,8 +131,8 @@ class ParamFreeNorm(nnx.Module):
                 )
             means.append(mean_bn)
             variances.append(var_bn)
-        wm = jax.nn.softmax(self.mean_weight.value)
-        wv = jax.nn.softmax(self.var_weight.value)
+        wm = jax.nn.softmax(self.mean_weight[...])
+        wv = jax.nn.softmax(self.var_weight[...])
         mean = sum(wm[i] * m for i, m in enumerate(means))
         var = sum(wv[i] * v for i, v in enumerate(variances))
         return mean, var

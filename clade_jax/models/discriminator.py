@@ -27,10 +27,28 @@ from clade_jax.ops import avg_pool_3x3_s2
 class DLayer(nnx.Module):
     """One stage of an NLayerDiscriminator: conv [+ SN, InstanceNorm] [+ leaky_relu(0.2)]."""
 
-    def __init__(self, fin: int, fout: int, *, stride: int, normalized: bool, activation: bool,
-                 dtype, rngs: nnx.Rngs):
-        self.conv = Conv2d(fin, fout, 4, stride=stride, padding=2, use_bias=not normalized,
-                           spectral_norm=normalized, dtype=dtype, rngs=rngs)
+    def __init__(
+        self,
+        fin: int,
+        fout: int,
+        *,
+        stride: int,
+        normalized: bool,
+        activation: bool,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = Conv2d(
+            fin,
+            fout,
+            4,
+            stride=stride,
+            padding=2,
+            use_bias=not normalized,
+            spectral_norm=normalized,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.norm = ParamFreeNorm(fout, "instance") if normalized else None
         self.activation = activation
 
@@ -44,20 +62,32 @@ class DLayer(nnx.Module):
 class NLayerDiscriminator(nnx.Module):
     """PatchGAN: returns the list of every stage's output (last = (N, h, w, 1) logits)."""
 
-    def __init__(self, input_nc: int, *, ndf: int = 64, n_layers: int = 4, dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, input_nc: int, *, ndf: int = 64, n_layers: int = 4, dtype, rngs: nnx.Rngs):
         self.n_layers = n_layers
         nf = ndf
-        self.model0 = DLayer(input_nc, nf, stride=2, normalized=False, activation=True,
-                             dtype=dtype, rngs=rngs)
+        self.model0 = DLayer(
+            input_nc, nf, stride=2, normalized=False, activation=True, dtype=dtype, rngs=rngs
+        )
         for n in range(1, n_layers):
             nf_prev, nf = nf, min(nf * 2, 512)
-            setattr(self, f"model{n}",
-                    DLayer(nf_prev, nf, stride=1 if n == n_layers - 1 else 2, normalized=True,
-                           activation=True, dtype=dtype, rngs=rngs))
-        setattr(self, f"model{n_layers}",
-                DLayer(nf, 1, stride=1, normalized=False, activation=False, dtype=dtype,
-                       rngs=rngs))
+            setattr(
+                self,
+                f"model{n}",
+                DLayer(
+                    nf_prev,
+                    nf,
+                    stride=1 if n == n_layers - 1 else 2,
+                    normalized=True,
+                    activation=True,
+                    dtype=dtype,
+                    rngs=rngs,
+                ),
+            )
+        setattr(
+            self,
+            f"model{n_layers}",
+            DLayer(nf, 1, stride=1, normalized=False, activation=False, dtype=dtype, rngs=rngs),
+        )
 
     def __call__(self, x: jnp.ndarray) -> list[jnp.ndarray]:
         outs = []
@@ -75,20 +105,32 @@ class MultiscaleDiscriminator(nnx.Module):
     float32). labels (N, H, W) int, image (N, H, W, 3) in [-1, 1], instance (N, H, W) int.
     """
 
-    def __init__(self, num_classes: int, *, use_instance: bool = False, ndf: int = 64,
-                 n_layers: int = 4, num_D: int = 2, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        use_instance: bool = False,
+        ndf: int = 64,
+        n_layers: int = 4,
+        num_D: int = 2,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.num_classes = num_classes
         self.use_instance = use_instance
         self.num_D = num_D
         self.dtype = dtype
         input_nc = num_classes + (1 if use_instance else 0) + 3
         for i in range(num_D):
-            setattr(self, f"discriminator_{i}",
-                    NLayerDiscriminator(input_nc, ndf=ndf, n_layers=n_layers, dtype=dtype,
-                                        rngs=rngs))
+            setattr(
+                self,
+                f"discriminator_{i}",
+                NLayerDiscriminator(input_nc, ndf=ndf, n_layers=n_layers, dtype=dtype, rngs=rngs),
+            )
 
-    def __call__(self, labels: jnp.ndarray, image: jnp.ndarray,
-                 instance: jnp.ndarray | None = None) -> list[list[jnp.ndarray]]:
+    def __call__(
+        self, labels: jnp.ndarray, image: jnp.ndarray, instance: jnp.ndarray | None = None
+    ) -> list[list[jnp.ndarray]]:
         if self.use_instance and instance is None:
             raise ValueError("this discriminator was built with use_instance=True: pass instance=")
         edges = instance_edges(instance) if self.use_instance else None

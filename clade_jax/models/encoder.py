@@ -29,8 +29,17 @@ class EncoderLayer(nnx.Module):
     """Spectral-norm 3x3 stride-2 conv (no bias) + InstanceNorm (official `norm_E`)."""
 
     def __init__(self, fin: int, fout: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = Conv2d(fin, fout, 3, stride=2, padding=1, use_bias=False, spectral_norm=True,
-                           dtype=dtype, rngs=rngs)
+        self.conv = Conv2d(
+            fin,
+            fout,
+            3,
+            stride=2,
+            padding=1,
+            use_bias=False,
+            spectral_norm=True,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.norm = ParamFreeNorm(fout, "instance")
 
     def __call__(self, x):
@@ -40,15 +49,17 @@ class EncoderLayer(nnx.Module):
 class ConvEncoder(nnx.Module):
     """Image (N, H, W, 3) in [-1, 1] -> (mu, logvar), each (N, 256) float32."""
 
-    def __init__(self, ndf: int = 64, crop_size: int = 256, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, ndf: int = 64, crop_size: int = 256, *, dtype=jnp.float32, rngs: nnx.Rngs):
         widths = [3, ndf, 2 * ndf, 4 * ndf, 8 * ndf, 8 * ndf]
         if crop_size >= 256:
             widths.append(8 * ndf)
         self.num_layers = len(widths) - 1
         for i in range(self.num_layers):
-            setattr(self, f"layer{i + 1}",
-                    EncoderLayer(widths[i], widths[i + 1], dtype=dtype, rngs=rngs))
+            setattr(
+                self,
+                f"layer{i + 1}",
+                EncoderLayer(widths[i], widths[i + 1], dtype=dtype, rngs=rngs),
+            )
         side = 256 // 2**self.num_layers  # 4 (six layers) or 8 (five layers)
         flat = 8 * ndf * side * side
         self.fc_mu = Linear(flat, ENCODER_LATENT, dtype=dtype, rngs=rngs)

@@ -37,7 +37,7 @@ NUM_UP = {"normal": 5, "more": 6, "most": 7}
 
 
 class Cond(NamedTuple):
-    """The conditioning maps at one resolution: labels (N,h,w) int, edges (N,h,w), icpe (N,h,w,2)."""
+    """Conditioning maps at one resolution: labels (N,h,w) int, edges (N,h,w), icpe (N,h,w,2)."""
 
     labels: jnp.ndarray
     edges: jnp.ndarray | None
@@ -48,15 +48,40 @@ class Cond(NamedTuple):
         return Cond(r(self.labels), r(self.edges), r(self.icpe))
 
 
-def make_norm(kind: str, num_features: int, num_classes: int, *, pfn: str, instance: bool,
-              icpe: bool, dtype, norm_kwargs: dict | None, rngs: nnx.Rngs) -> nnx.Module:
+def make_norm(
+    kind: str,
+    num_features: int,
+    num_classes: int,
+    *,
+    pfn: str,
+    instance: bool,
+    icpe: bool,
+    dtype,
+    norm_kwargs: dict | None,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
     """A CLADE or SPADE layer from explicit options."""
     if kind == "clade":
-        return CLADE(num_features, num_classes, pfn, icpe=icpe, instance_edge=instance,
-                     dtype=dtype, norm_kwargs=norm_kwargs, rngs=rngs)
+        return CLADE(
+            num_features,
+            num_classes,
+            pfn,
+            icpe=icpe,
+            instance_edge=instance,
+            dtype=dtype,
+            norm_kwargs=norm_kwargs,
+            rngs=rngs,
+        )
     if kind == "spade":
-        return SPADE(num_features, num_classes, pfn, instance_edge=instance, dtype=dtype,
-                     norm_kwargs=norm_kwargs, rngs=rngs)
+        return SPADE(
+            num_features,
+            num_classes,
+            pfn,
+            instance_edge=instance,
+            dtype=dtype,
+            norm_kwargs=norm_kwargs,
+            rngs=rngs,
+        )
     if kind == "none":
         return Identity()
     raise ValueError(f"norm must be 'clade', 'spade' or 'none', got {kind!r}")
@@ -88,17 +113,45 @@ class ResnetBlock(nnx.Module):
     convolutions after them take fin + 1 (or fmiddle + 1) inputs.
     """
 
-    def __init__(self, fin: int, fout: int, num_classes: int, *, norm: str, pfn: str,
-                 instance: bool, icpe: bool, spectral_norm: bool, dtype, norm_kwargs: dict | None,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        fin: int,
+        fout: int,
+        num_classes: int,
+        *,
+        norm: str,
+        pfn: str,
+        instance: bool,
+        icpe: bool,
+        spectral_norm: bool,
+        dtype,
+        norm_kwargs: dict | None,
+        rngs: nnx.Rngs,
+    ):
         self.learned_shortcut = fin != fout
         fmiddle = min(fin, fout)
         a = 1 if (norm == "clade" and instance) else 0
-        conv = lambda i, o, k, bias=True: Conv2d(i, o, k, padding=k // 2, use_bias=bias,
-                                                 spectral_norm=spectral_norm, dtype=dtype,
-                                                 rngs=rngs)
-        nrm = lambda c: make_norm(norm, c, num_classes, pfn=pfn, instance=instance, icpe=icpe,
-                                  dtype=dtype, norm_kwargs=norm_kwargs, rngs=rngs)
+        conv = lambda i, o, k, bias=True: Conv2d(
+            i,
+            o,
+            k,
+            padding=k // 2,
+            use_bias=bias,
+            spectral_norm=spectral_norm,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        nrm = lambda c: make_norm(
+            norm,
+            c,
+            num_classes,
+            pfn=pfn,
+            instance=instance,
+            icpe=icpe,
+            dtype=dtype,
+            norm_kwargs=norm_kwargs,
+            rngs=rngs,
+        )
         self.conv_0 = conv(fin + a, fmiddle, 3)
         self.conv_1 = conv(fmiddle + a, fout, 3)
         if self.learned_shortcut:
@@ -139,14 +192,30 @@ class Generator(nnx.Module):
     Call: `G(labels, *, z=None, instance=None, icpe=None, key=None) -> (N, H, W, 3)` in [-1, 1].
     """
 
-    def __init__(self, num_classes: int, *, norm: str = "clade", param_free_norm: str = "batch",
-                 ngf: int = 64, crop_size: int = 256, aspect_ratio: float = 1.0,
-                 num_upsampling_layers: str = "normal", use_vae: bool = False, z_dim: int = 256,
-                 use_instance: bool = False, icpe: bool = False, spectral_norm: bool = True,
-                 dtype=jnp.float32, norm_kwargs: dict | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        norm: str = "clade",
+        param_free_norm: str = "batch",
+        ngf: int = 64,
+        crop_size: int = 256,
+        aspect_ratio: float = 1.0,
+        num_upsampling_layers: str = "normal",
+        use_vae: bool = False,
+        z_dim: int = 256,
+        use_instance: bool = False,
+        icpe: bool = False,
+        spectral_norm: bool = True,
+        dtype=jnp.float32,
+        norm_kwargs: dict | None = None,
+        rngs: nnx.Rngs,
+    ):
         if num_upsampling_layers not in NUM_UP:
-            raise ValueError(f"num_upsampling_layers must be one of {list(NUM_UP)}, "
-                             f"got {num_upsampling_layers!r}")
+            raise ValueError(
+                f"num_upsampling_layers must be one of {list(NUM_UP)}, "
+                f"got {num_upsampling_layers!r}"
+            )
         if icpe and norm != "clade":
             raise ValueError("icpe=True requires norm='clade'")
         nf = ngf
@@ -167,9 +236,18 @@ class Generator(nnx.Module):
         else:
             self.fc = Conv2d(semantic_nc, 16 * nf, 3, padding=1, dtype=dtype, rngs=rngs)
         block = lambda fin, fout: ResnetBlock(
-            fin, fout, num_classes, norm=norm, pfn=param_free_norm, instance=use_instance,
-            icpe=icpe, spectral_norm=spectral_norm, dtype=dtype, norm_kwargs=norm_kwargs,
-            rngs=rngs)
+            fin,
+            fout,
+            num_classes,
+            norm=norm,
+            pfn=param_free_norm,
+            instance=use_instance,
+            icpe=icpe,
+            spectral_norm=spectral_norm,
+            dtype=dtype,
+            norm_kwargs=norm_kwargs,
+            rngs=rngs,
+        )
         self.head_0 = block(16 * nf, 16 * nf)
         self.G_middle_0 = block(16 * nf, 16 * nf)
         self.G_middle_1 = block(16 * nf, 16 * nf)
@@ -188,9 +266,15 @@ class Generator(nnx.Module):
         """(height, width) of the generated image."""
         return self.sh * 2**self.num_up, self.sw * 2**self.num_up
 
-    def __call__(self, labels: jnp.ndarray, *, z: jnp.ndarray | None = None,
-                 instance: jnp.ndarray | None = None, icpe: jnp.ndarray | None = None,
-                 key: jax.Array | None = None) -> jnp.ndarray:
+    def __call__(
+        self,
+        labels: jnp.ndarray,
+        *,
+        z: jnp.ndarray | None = None,
+        instance: jnp.ndarray | None = None,
+        icpe: jnp.ndarray | None = None,
+        key: jax.Array | None = None,
+    ) -> jnp.ndarray:
         """labels (N, H, W) int, z (N, z_dim), instance (N, H, W) int, icpe (N, H, W, 2)."""
         if self.use_instance and instance is None:
             raise ValueError("this generator was built with use_instance=True: pass instance=")
@@ -199,8 +283,10 @@ class Generator(nnx.Module):
         edges = instance_edges(instance) if self.use_instance else None
         full = Cond(labels, edges, icpe if self.use_icpe else None)
         # The label pyramid, computed once: one Cond per resolution of the network.
-        pyramid = {s: full.at(s) for s in
-                   [(self.sh * 2**k, self.sw * 2**k) for k in range(self.num_up + 1)]}
+        pyramid = {
+            s: full.at(s)
+            for s in [(self.sh * 2**k, self.sw * 2**k) for k in range(self.num_up + 1)]
+        }
         c = lambda k: pyramid[(self.sh * 2**k, self.sw * 2**k)]
         n = labels.shape[0]
         if self.use_vae:
@@ -221,7 +307,8 @@ class Generator(nnx.Module):
             x = upsample2x(x)
         x = self.G_middle_1(x, c(k))
         for name in ("up_0", "up_1", "up_2", "up_3") + (
-                ("up_4",) if self.num_upsampling_layers == "most" else ()):
+            ("up_4",) if self.num_upsampling_layers == "most" else ()
+        ):
             k += 1
             x = getattr(self, name)(upsample2x(x), c(k))
         x = self.conv_img(jax.nn.leaky_relu(x, 0.2))

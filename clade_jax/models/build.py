@@ -1,0 +1,82 @@
+"""The one place where a config becomes modules: explicit keyword arguments from `config`.
+
+Everything downstream (training, evaluation, synthesis, the complexity table) builds its networks
+through these functions, so a config means the same network everywhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clade_jax.models.discriminator import MultiscaleDiscriminator
+from clade_jax.models.encoder import ConvEncoder
+from clade_jax.models.generator import Generator
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(config):
+    """The compute dtype named by `config.compute_dtype`."""
+    if config.compute_dtype not in DTYPES:
+        raise ValueError(
+            f"compute_dtype must be one of {list(DTYPES)}, got {config.compute_dtype!r}"
+        )
+    return DTYPES[config.compute_dtype]
+
+
+def generator_kwargs(config) -> dict:
+    """Keyword arguments of the generator named by `config.model.generator`."""
+    m, d = config.model, config.data
+    if m.generator != "spade":
+        raise ValueError(f"unknown model.generator {m.generator!r}; available: 'spade'")
+    return dict(
+        num_classes=d.num_classes,
+        norm=m.norm,
+        param_free_norm=m.param_free_norm,
+        ngf=m.ngf,
+        crop_size=d.crop_size,
+        aspect_ratio=d.aspect_ratio,
+        num_upsampling_layers=m.num_upsampling_layers,
+        use_vae=m.use_vae,
+        z_dim=m.z_dim,
+        use_instance=d.use_instance,
+        icpe=d.icpe,
+        spectral_norm=m.spectral_norm,
+        norm_kwargs={"switchable_batch": m.switchable_batch}
+        if m.param_free_norm == "switchable"
+        else None,
+    )
+
+
+def build_generator(config, *, rngs: nnx.Rngs) -> nnx.Module:
+    return Generator(**generator_kwargs(config), dtype=compute_dtype(config), rngs=rngs)
+
+
+def build_discriminator(config, *, rngs: nnx.Rngs) -> MultiscaleDiscriminator:
+    m, d = config.model, config.data
+    return MultiscaleDiscriminator(
+        d.num_classes,
+        use_instance=d.use_instance,
+        ndf=m.ndf,
+        n_layers=m.n_layers_D,
+        num_D=m.num_D,
+        dtype=compute_dtype(config),
+        rngs=rngs,
+    )
+
+
+def build_encoder(config, *, rngs: nnx.Rngs) -> ConvEncoder | None:
+    """The VAE style encoder (width ngf, as officially), or None without `model.use_vae`."""
+    if not config.model.use_vae:
+        return None
+    return ConvEncoder(
+        config.model.ngf, config.data.crop_size, dtype=compute_dtype(config), rngs=rngs
+    )
+
+
+def count_params(module: nnx.Module) -> int:
+    """Parameters as torch's `parameters()` counts them (no spectral-norm vectors, no running
+    statistics)."""
+    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))

@@ -1,0 +1,186 @@
+"""Shared defaults of every clade_jax config, and the `arg` syntax of all of them.
+
+Every dataset config calls `get_config(arg)` here and overrides only what differs. `arg` is the part
+after the colon in `--config=configs/ade20k.py:norm=spade,icpe,tiny`: comma-separated `key=value`
+pairs or bare flags.
+
+Flags and keys understood by every config:
+  norm=clade|spade|none      model.norm
+  pfn=batch|instance|switchable|switchable_nobatch   model.param_free_norm (+ switchable_batch)
+  generator=spade            model.generator (the SPADE/CLADE generator)
+  icpe                       CLADE-ICPE positional encoding (data.icpe)
+  vae                        multi-modal / style-guided model with the VAE encoder
+  bf16                       compute_dtype bfloat16 (GPU / TPU)
+  ema                        keep an EMA of the generator (decay 0.999)
+  steps=N                    num_train_steps
+  batch=N                    global batch size
+  source=folder|tfds         read the dataset folders or the prepared TFDS data
+  root=PATH                  dataset folder
+  tiny                       shrink everything so a run takes seconds on a CPU (tests)
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+
+def parse_arg(arg: str | None) -> dict:
+    """'norm=spade,icpe,tiny' -> {'norm': 'spade', 'icpe': True, 'tiny': True}."""
+    out = {}
+    for part in filter(None, (arg or "").split(",")):
+        key, sep, value = part.partition("=")
+        out[key.strip()] = value.strip() if sep else True
+    return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The defaults (the papers' training setup on ADE20k-sized data)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # model init, augmentation and training randomness all derive from it
+
+    c.data = d = ml_collections.ConfigDict()
+    d.dataset = (
+        "synthetic"  # ade20k | ade20k_outdoor | coco_stuff | cityscapes | custom | synthetic
+    )
+    d.root = ""  # the dataset folder as users download it
+    d.source = "folder"  # folder: read the files directly; tfds: the prepared array_record data
+    d.tfds_data_dir = ""  # where `python -m clade_jax.data.prepare` wrote the TFDS data
+    d.num_classes = 151  # label classes counting the don't-care class
+    d.dontcare_label = 150  # id of the don't-care class; -1 if the dataset has none
+    d.label_255_to = 150  # label 255 in a label PNG becomes this (official: label_nc); -1 keeps it
+    d.preprocess = "resize_and_crop"  # resize_and_crop | fixed
+    d.load_size = 286  # resize to this square before the random crop (resize_and_crop)
+    d.crop_size = 256  # training width; height is crop_size / aspect_ratio
+    d.aspect_ratio = 1.0  # width / height
+    d.flip = True  # random horizontal flip in training
+    d.use_instance = False  # instance maps (edges feed the generator and discriminator)
+    d.icpe = False  # CLADE-ICPE: compute the intra-class positional map after augmentation
+    d.label_dir = ""  # custom layout: label folder relative to root
+    d.image_dir = ""  # custom layout: image folder relative to root
+    d.instance_dir = ""  # custom layout: optional instance folder relative to root
+    d.num_workers = 2  # grain worker processes (0 = in-process)
+    d.prefetch_buffer = 4  # batches prefetched per worker
+    d.synthetic_size = 2000  # synthetic scenes: number of examples
+    d.synthetic_resolution = 256  # synthetic scenes: rendered size before augmentation
+    d.shuffle_seed = 0  # shuffle order (epochs derive their own order from it)
+    d.max_examples = 0  # >0 truncates the dataset (debugging, tests)
+
+    c.model = m = ml_collections.ConfigDict()
+    m.generator = "spade"  # spade: the SPADE/CLADE generator of the papers
+    m.norm = "clade"  # clade | spade | none
+    m.param_free_norm = "batch"  # batch (synchronized over all devices) | instance | switchable
+    m.switchable_batch = True  # switchable norm mixes batch statistics too (False: seed 003's)
+    m.ngf = 64  # generator base width
+    m.num_upsampling_layers = "normal"  # normal | more | most (latent grid crop/32, /64, /128)
+    m.spectral_norm = True  # spectral norm on the generator's residual-block convs
+    m.use_vae = False  # VAE style encoder + KL term (multi-modal, style-guided synthesis)
+    m.z_dim = 256  # latent size of the VAE path
+    m.ndf = 64  # discriminator base width
+    m.n_layers_D = 4  # convolutions per discriminator
+    m.num_D = 2  # discriminator scales
+
+    c.loss = lo = ml_collections.ConfigDict()
+    lo.lambda_feat = 10.0  # feature matching
+    lo.lambda_vgg = 10.0  # VGG19 perceptual loss (needs vgg_weights)
+    lo.lambda_kld = 0.05  # KL term of the VAE
+    lo.vgg_weights = ""  # torchvision vgg19 state dict (.pth) or its converted .npz
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr_g = 1e-4  # TTUR: generator (and encoder) learning rate
+    o.lr_d = 4e-4  # TTUR: discriminator learning rate
+    o.beta1 = 0.0  # Adam beta1
+    o.beta2 = 0.9  # Adam beta2
+
+    c.batch_size = 32  # global batch over all devices and hosts
+    c.num_epochs = 100  # epochs at the constant learning rate (official --niter)
+    c.num_decay_epochs = 100  # epochs of linear decay to 0 after those (official --niter_decay)
+    c.num_train_steps = 0  # > 0 overrides the epochs (decay then spans the second half)
+    c.compute_dtype = "float32"  # float32 | bfloat16 (parameters and statistics stay float32)
+    c.ema_decay = 0.0  # > 0 keeps an exponential moving average of the generator
+
+    c.log_every_steps = 100  # scalars to TensorBoard
+    c.image_every_steps = 1000  # image grids (label | synthesized | real) to TensorBoard
+    c.checkpoint_every_steps = 2000  # orbax checkpoints (also at the end and on SIGTERM)
+    c.keep_checkpoints = 3  # checkpoints kept
+    c.eval_every_steps = 0  # > 0: FID / mIoU during training (0: only evaluate.py)
+    c.num_image_samples = 8  # examples in each image grid
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.split = "validation"  # split evaluate.py synthesizes
+    e.batch_size = 16  # synthesis batch size
+    e.max_images = 0  # > 0 evaluates on the first N images only
+    e.segmenter_workdir = ""  # workdir of a segmenter trained with configs/segmenter.py
+    return c
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Apply the shared `arg` flags (see the module docstring) to a config, in place."""
+    args = parse_arg(arg)
+    known = {
+        "norm",
+        "pfn",
+        "generator",
+        "icpe",
+        "vae",
+        "bf16",
+        "ema",
+        "steps",
+        "batch",
+        "source",
+        "root",
+        "tiny",
+    }
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {unknown}; known: {sorted(known)}")
+    if "norm" in args:
+        c.model.norm = args["norm"]
+    if "pfn" in args:
+        c.model.param_free_norm = args["pfn"].replace("_nobatch", "")
+        c.model.switchable_batch = not args["pfn"].endswith("_nobatch")
+    if "generator" in args:
+        c.model.generator = args["generator"]
+    if args.get("icpe"):
+        c.data.icpe = True
+    if args.get("vae"):
+        c.model.use_vae = True
+    if args.get("bf16"):
+        c.compute_dtype = "bfloat16"
+    if args.get("ema"):
+        c.ema_decay = 0.999
+    if "source" in args:
+        c.data.source = args["source"]
+    if "root" in args:
+        c.data.root = args["root"]
+    if args.get("tiny"):
+        shrink_to_tiny(c)
+    if "steps" in args:
+        c.num_train_steps = int(args["steps"])
+    if "batch" in args:
+        c.batch_size = int(args["batch"])
+    return c
+
+
+def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
+    """A configuration that trains in seconds on a CPU: 64-wide images, narrow networks."""
+    num_up = {"normal": 5, "more": 6, "most": 7}[c.model.num_upsampling_layers]
+    c.data.crop_size = max(64, 2**num_up * math.ceil(c.data.aspect_ratio))  # latent grid >= 1
+    c.data.load_size = c.data.crop_size + (8 if c.data.preprocess == "resize_and_crop" else 0)
+    c.data.num_workers = 0
+    c.data.synthetic_size = 16
+    c.data.synthetic_resolution = 64
+    c.model.ngf = 4
+    c.model.ndf = 8
+    c.model.n_layers_D = 3
+    c.model.z_dim = 16
+    c.loss.lambda_vgg = 0.0
+    c.batch_size = 4
+    c.num_train_steps = 4
+    c.log_every_steps = 2
+    c.image_every_steps = 2
+    c.checkpoint_every_steps = 2
+    c.num_image_samples = 2
+    c.eval.batch_size = 4
+    c.eval.max_images = 8

@@ -1,0 +1,33 @@
+"""The built-in synthetic scenes: CLADE learning procedural landscapes on a CPU (the demo's data).
+
+    python train.py --config=configs/synthetic.py --workdir=/tmp/synthetic
+    python train.py --config=configs/synthetic.py:tiny --workdir=/tmp/tiny   # seconds, for tests
+
+Labels and photos are generated on the fly (`clade_jax.data.synthetic`); no files are needed.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.get_config()
+    c.data.dataset = "synthetic"
+    c.data.num_classes = 10  # clade_jax.data.synthetic.NUM_CLASSES
+    c.data.dontcare_label = -1  # every pixel of a synthetic scene has a class
+    c.data.label_255_to = -1
+    c.data.preprocess = "resize_and_crop"
+    c.data.synthetic_resolution = 72  # rendered size, cropped to crop_size
+    c.data.load_size = 72
+    c.data.crop_size = 64
+    c.model.ngf = 16
+    c.model.ndf = 32
+    c.model.n_layers_D = 3
+    c.loss.lambda_vgg = 0.0  # no VGG19 weights are needed for the demo
+    c.batch_size = 8
+    c.num_epochs = 0
+    c.num_decay_epochs = 0
+    c.num_train_steps = 1500
+    c.log_every_steps = 50
+    c.image_every_steps = 250
+    c.checkpoint_every_steps = 500
+    return common.apply_arg(c, arg)

@@ -1,0 +1,58 @@
+"""Shared test helpers: the parity fixtures made by running the official PyTorch code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+class Fixture:
+    """One `../shared/fixtures/*.npz`: torch state, options, and the recorded tensors."""
+
+    def __init__(self, name: str, prefix: str = ""):
+        path = FIXTURES / f"{name}.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"parity fixture {path} is missing (CI needs ../shared)")
+        self.data = np.load(path)
+        self.prefix = prefix
+        self.meta = json.loads(str(self.data[prefix + "meta/json"]))
+        self.options = self.meta["options"]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.data[self.prefix + key]
+
+    def keys(self, start: str) -> list[str]:
+        n = len(self.prefix)
+        return [k[n:] for k in self.data.files if k.startswith(self.prefix + start)]
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """Every torch state_dict entry (names without a '/')."""
+        n = len(self.prefix)
+        return {
+            k[n:]: self.data[k]
+            for k in self.data.files
+            if k.startswith(self.prefix) and "/" not in k[n:]
+        }
+
+
+def nchw(x) -> np.ndarray:
+    """NHWC -> NCHW (to compare with the PyTorch tensors)."""
+    x = np.asarray(x)
+    return np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+@pytest.fixture(scope="session")
+def fixture():
+    return Fixture
