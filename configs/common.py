@@ -57,12 +57,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.flip = True  # random horizontal flip in training
     d.use_instance = False  # instance maps (edges feed the generator and discriminator)
     d.icpe = False  # CLADE-ICPE: compute the intra-class positional map after augmentation
-    d.label_dir = ""  # custom layout: label folder relative to root
-    d.image_dir = ""  # custom layout: image folder relative to root
-    d.instance_dir = ""  # custom layout: optional instance folder relative to root
-    d.num_workers = 2  # grain worker processes (0 = in-process)
-    d.prefetch_buffer = 4  # batches prefetched per worker
-    d.synthetic_size = 2000  # synthetic scenes: number of examples
+    d.label_resize = "pil"  # nearest rule for label maps in the loader: pil (official) | floor
+    d.label_dir = ""  # custom layout: training label folder relative to root
+    d.image_dir = ""  # custom layout: training image folder relative to root
+    d.instance_dir = ""  # custom layout: optional training instance folder relative to root
+    d.val_label_dir = ""  # custom layout: validation label folder relative to root
+    d.val_image_dir = ""  # custom layout: validation image folder relative to root
+    d.val_instance_dir = ""  # custom layout: optional validation instance folder
+    d.include_portraits = True  # COCO-Stuff: also read train_*_portrait folders (official)
+    d.num_workers = 2  # grain worker processes (0 = in-process; 4-8 on GPU hosts)
+    d.read_threads = 2  # reading / augmenting threads per process
+    d.prefetch_buffer = 4  # batches prefetched
+    d.synthetic_size = 2000  # synthetic scenes: number of training examples
+    d.synthetic_val_size = 64  # synthetic scenes: validation examples (a separate family)
     d.synthetic_resolution = 256  # synthetic scenes: rendered size before augmentation
     d.shuffle_seed = 0  # shuffle order (epochs derive their own order from it)
     d.max_examples = 0  # >0 truncates the dataset (debugging, tests)
@@ -176,7 +183,7 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
     c.model.n_layers_D = 3
     c.model.z_dim = 16
     c.loss.lambda_vgg = 0.0
-    c.batch_size = 4
+    c.batch_size = 8  # divisible by the 8 host devices the tests use
     c.num_train_steps = 4
     c.log_every_steps = 2
     c.image_every_steps = 2

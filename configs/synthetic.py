@@ -12,9 +12,9 @@ from configs import common
 def get_config(arg=None):
     c = common.get_config()
     c.data.dataset = "synthetic"
-    c.data.num_classes = 10  # clade_jax.data.synthetic.NUM_CLASSES
-    c.data.dontcare_label = -1  # every pixel of a synthetic scene has a class
-    c.data.label_255_to = -1
+    c.data.num_classes = 10  # clade_jax.data.synthetic.NUM_CLASSES (9 classes + don't-care)
+    c.data.dontcare_label = 9  # synthetic.DONTCARE: patches of random colours
+    c.data.label_255_to = -1  # scenes are generated, no label PNGs
     c.data.preprocess = "resize_and_crop"
     c.data.synthetic_resolution = 72  # rendered size, cropped to crop_size
     c.data.load_size = 72

@@ -14,7 +14,8 @@
 
 Out-of-range labels: JAX clamps out-of-bounds gathers, so a label 255 would silently borrow the
 last class's parameters. The gather here uses `mode="fill"` with NaN, which turns any such pixel
-into NaN; host code (`labels.check_labels`) raises before that can happen, and the trainer stops on NaN.
+into NaN; host code (`labels.check_labels`) raises before that can happen, and the trainer stops
+on NaN.
 """
 
 from __future__ import annotations

@@ -72,7 +72,11 @@ def build_encoder(config, *, rngs: nnx.Rngs) -> ConvEncoder | None:
     if not config.model.use_vae:
         return None
     return ConvEncoder(
-        config.model.ngf, config.data.crop_size, dtype=compute_dtype(config), rngs=rngs
+        config.model.ngf,
+        config.data.crop_size,
+        config.model.z_dim,
+        dtype=compute_dtype(config),
+        rngs=rngs,
     )
 
 

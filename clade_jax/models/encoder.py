@@ -2,7 +2,8 @@
 
 Six (five below crop_size 256) 3x3 stride-2 convolutions, spectral-normalized, without bias, each
 followed by a parameter-free InstanceNorm; leaky_relu(0.2) between layers and after the last; two
-linear heads give mu and logvar (256 wide, hard-coded in the official code, independent of z_dim).
+linear heads give mu and logvar, `latent_dim` wide (256 hard-coded in the official code, which
+therefore only runs with z_dim = 256; the model builder passes z_dim).
 Widths: 3 -> ndf -> 2ndf -> 4ndf -> 8ndf -> 8ndf [-> 8ndf]; ndf is the generator's ngf (the
 official encoder ignores `--nef`). Inputs that are not 256x256 are first resized to 256x256
 bilinearly (align_corners=False), as the official encoder does.
@@ -47,9 +48,17 @@ class EncoderLayer(nnx.Module):
 
 
 class ConvEncoder(nnx.Module):
-    """Image (N, H, W, 3) in [-1, 1] -> (mu, logvar), each (N, 256) float32."""
+    """Image (N, H, W, 3) in [-1, 1] -> (mu, logvar), each (N, latent_dim) float32."""
 
-    def __init__(self, ndf: int = 64, crop_size: int = 256, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        ndf: int = 64,
+        crop_size: int = 256,
+        latent_dim: int = ENCODER_LATENT,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         widths = [3, ndf, 2 * ndf, 4 * ndf, 8 * ndf, 8 * ndf]
         if crop_size >= 256:
             widths.append(8 * ndf)
@@ -62,8 +71,8 @@ class ConvEncoder(nnx.Module):
             )
         side = 256 // 2**self.num_layers  # 4 (six layers) or 8 (five layers)
         flat = 8 * ndf * side * side
-        self.fc_mu = Linear(flat, ENCODER_LATENT, dtype=dtype, rngs=rngs)
-        self.fc_var = Linear(flat, ENCODER_LATENT, dtype=dtype, rngs=rngs)
+        self.fc_mu = Linear(flat, latent_dim, dtype=dtype, rngs=rngs)
+        self.fc_var = Linear(flat, latent_dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, image: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         x = resize_bilinear(image.astype(jnp.float32), (256, 256))

@@ -1,0 +1,280 @@
+"""Generator speed on CPU: CLADE vs SPADE vs the convolution-only floor, and XLA's conv back-ends.
+
+Times, in one process with alternating rounds (CLADE, SPADE, floor, CLADE, SPADE, floor, ...),
+the jit-compiled
+
+* inference (`model.eval()`: BatchNorm running statistics, stored spectral-norm vectors) and
+* one training forward + backward (train mode, `jax.grad` of the mean output w.r.t. the Params,
+  updated BatchNorm statistics / spectral-norm vectors returned as well)
+
+of the full-size ADE20k generators (151 classes, batch 1, 256x256): CLADE (`configs/ade20k.py`),
+SPADE (`norm=spade`) and the same network with every normalization layer removed (`norm=none`,
+the convolution-only floor). It prints the medians, the ratios CLADE/SPADE and CLADE/floor, and
+appends them to `benchmarks/RESULTS.md` with the date, jax version, device, load average and
+XLA_FLAGS.
+
+`--backend_compare` instead runs the benchmark in subprocesses that alternate between XLA:CPU's
+Eigen convolutions (what `import clade_jax` selects: `--xla_cpu_experimental_ynn_fusion_type=`)
+and YNNPACK (jaxlib 0.10's default; `CLADE_JAX_KEEP_XLA_FLAGS=1` and the flag absent), since a
+flag cannot change inside a process, and reports the per-model ratios Eigen / YNNPACK (medians
+over the subprocess runs).
+
+    python benchmarks/generators.py [--rounds N] [--no_train] [--backend_compare [--runs N]]
+
+Timings on a shared machine are noisy: read the ratios (measured within one process), not the
+absolute milliseconds, and look at the recorded load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
+MODELS = {"CLADE": "", "SPADE": "norm=spade", "floor": "norm=none"}
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (one call per model each)")
+    p.add_argument("--no_train", action="store_true", help="time inference only")
+    p.add_argument("--backend_compare", action="store_true", help="Eigen vs YNNPACK subprocesses")
+    p.add_argument("--runs", type=int, default=2, help="subprocess runs per back-end (compare)")
+    p.add_argument("--models", default=",".join(MODELS), help="subset of CLADE,SPADE,floor")
+    p.add_argument("--no_append", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # worker output
+    return p.parse_args(argv)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _backend_name() -> str:
+    """Which XLA:CPU convolution back-end XLA_FLAGS selects."""
+    m = re.search(YNN_FLAG + r"=(\S*)", os.environ.get("XLA_FLAGS", ""))
+    if m is None:
+        return "YNNPACK (jaxlib default)"
+    return "Eigen" if m.group(1) == "" else f"ynn fusion type {m.group(1)!r}"
+
+
+def _median_ms(xs: list[float]) -> float:
+    return 1e3 * statistics.median(xs)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure(rounds: int, train: bool, models: list[str]) -> dict:
+    """Build the three generators, compile, and time alternating rounds; returns medians in ms."""
+    sys.path.insert(0, REPO)
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import clade_jax  # noqa: F401  (sets the Eigen flag unless CLADE_JAX_KEEP_XLA_FLAGS=1)
+    from clade_jax.models.build import build_generator
+    from configs import ade20k
+
+    labels = jax.random.randint(jax.random.key(1), (1, 256, 256), 0, 151, dtype=jnp.int32)
+    fns = {}  # (model, mode) -> zero-argument callable returning blocked-on output
+    for name in models:
+        model = build_generator(ade20k.get_config(MODELS[name] or None), rngs=nnx.Rngs(0))
+        if train:
+            model.train()
+            gdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+            def loss(p, r, y, gdef=gdef):
+                m = nnx.merge(gdef, p, r, copy=True)  # fresh Variables at the grad level
+                out = m(y)
+                return jnp.mean(out), nnx.state(m, nnx.Not(nnx.Param))
+
+            step = jax.jit(jax.grad(loss, has_aux=True))
+            fns[name, "train"] = lambda s=step, p=params, r=rest: s(p, r, labels)
+        model.eval()
+        gdef, params, rest = nnx.split(model, nnx.Param, ...)
+        infer = jax.jit(lambda p, r, y, gdef=gdef: nnx.merge(gdef, p, r)(y))
+        fns[name, "infer"] = lambda f=infer, p=params, r=rest: f(p, r, labels)
+
+    compile_s = {}
+    for key, f in fns.items():
+        t = time.perf_counter()
+        jax.block_until_ready(f())  # compile + first run
+        jax.block_until_ready(f())  # second warm-up run
+        compile_s["/".join(key)] = round(time.perf_counter() - t, 1)
+
+    times = {key: [] for key in fns}
+    loads = [_load()]
+    for _ in range(rounds):
+        for key, f in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            times[key].append(time.perf_counter() - t)
+        loads.append(_load())
+    return {
+        "ms": {"/".join(k): round(_median_ms(v), 1) for k, v in times.items()},
+        "all_ms": {"/".join(k): [round(1e3 * x, 1) for x in v] for k, v in times.items()},
+        "warmup_s": compile_s,
+        "loads": loads,
+        "rounds": rounds,
+        "jax": jax.__version__,
+        "device": f"{jax.devices()[0].device_kind} ({_cpu_name()}, {os.cpu_count()} cores)",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "backend": _backend_name(),
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}" if a and b else "-"
+
+
+def report(res: dict) -> str:
+    ms = res["ms"]
+    lines = [
+        f"### generators, {res['backend']} convolutions "
+        f"({datetime.datetime.now().isoformat(timespec='minutes')})",
+        "",
+        f"jax {res['jax']}, {res['device']}, XLA_FLAGS=`{res['xla_flags']}`, "
+        f"{res['rounds']} alternating rounds, medians; load average (1/5/15 min) "
+        f"{res['loads'][0]} at start, {res['loads'][-1]} at end.",
+        "",
+        "| batch 1, 256x256 | CLADE ms | SPADE ms | floor ms | CLADE/SPADE | CLADE/floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode in ("infer", "train"):
+        c, s, f = (ms.get(f"{m}/{mode}") for m in MODELS)
+        if c is s is f is None:
+            continue
+        label = "inference" if mode == "infer" else "train fwd+bwd"
+        cells = " | ".join("-" if v is None else f"{v:.0f}" for v in (c, s, f))
+        lines.append(f"| {label} | {cells} | {_ratio(c, s)} | {_ratio(c, f)} |")
+    return "\n".join(lines) + "\n"
+
+
+def backend_compare(args: argparse.Namespace) -> str:
+    """Alternate Eigen / YNNPACK worker subprocesses; ratios of their medians."""
+    base = os.environ.get("XLA_FLAGS", "")
+    base = " ".join(f for f in base.split() if not f.startswith(YNN_FLAG))
+    envs = {
+        "Eigen": dict(os.environ, XLA_FLAGS=f"{base} {YNN_FLAG}=".strip()),
+        "YNNPACK": dict(os.environ, XLA_FLAGS=base, CLADE_JAX_KEEP_XLA_FLAGS="1"),
+    }
+    # Runs after the first of each back-end reuse its compiled executables (the flags are part of
+    # the cache key), which keeps the comparison within minutes; run times are unaffected.
+    cache = os.path.join(tempfile.gettempdir(), "clade_jax_benchmark_cache")
+    for env in envs.values():
+        env["JAX_COMPILATION_CACHE_DIR"] = cache
+    cmd = [sys.executable, os.path.abspath(__file__), "--json", f"--rounds={args.rounds}"]
+    cmd.append(f"--models={args.models}")
+    if args.no_train:
+        cmd.append("--no_train")
+    runs = {b: [] for b in envs}
+    for i in range(args.runs):
+        for backend, env in envs.items():
+            print(f"run {i + 1}/{args.runs}: {backend} ...", flush=True)
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            res = json.loads(out.strip().splitlines()[-1])
+            print(report(res), flush=True)
+            runs[backend].append(res)
+    keys = list(runs["Eigen"][0]["ms"])
+    med = {
+        b: {k: statistics.median(r["ms"][k] for r in rs) for k in keys} for b, rs in runs.items()
+    }
+    first = runs["Eigen"][0]
+    one_min = [float(r["loads"][i].split()[0]) for rs in runs.values() for r in rs for i in (0, -1)]
+    lines = [
+        f"### generators, Eigen vs YNNPACK convolutions "
+        f"({datetime.datetime.now().isoformat(timespec='minutes')})",
+        "",
+        f"jax {first['jax']}, {first['device']}; {args.runs} alternating subprocess runs per "
+        f"back-end (Eigen, YNNPACK, Eigen, ...), {args.rounds} rounds each; medians over runs of "
+        f"each run's median. Eigen: XLA_FLAGS=`{envs['Eigen']['XLA_FLAGS']}`; YNNPACK: "
+        f"XLA_FLAGS=`{envs['YNNPACK']['XLA_FLAGS']}`, CLADE_JAX_KEEP_XLA_FLAGS=1. 1-minute load "
+        f"average {min(one_min):.2f} to {max(one_min):.2f} during the runs.",
+        "",
+        "| batch 1, 256x256 | Eigen ms | YNNPACK ms | Eigen/YNNPACK | Eigen runs | YNNPACK runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in keys:
+        e, y = med["Eigen"][k], med["YNNPACK"][k]
+        name = k.replace("/infer", " inference").replace("/train", " train fwd+bwd")
+        per = [", ".join(f"{r['ms'][k]:.0f}" for r in runs[b]) for b in envs]
+        lines.append(f"| {name} | {e:.0f} | {y:.0f} | {_ratio(e, y)} | {per[0]} | {per[1]} |")
+    lines.append("")
+    for b in envs:
+        for mode, label in (("infer", "inference"), ("train", "train fwd+bwd")):
+            c, s, f = (med[b].get(f"{m}/{mode}") for m in MODELS)
+            if c is not None:
+                lines.append(
+                    f"* {b} {label}: CLADE/SPADE {_ratio(c, s)}, CLADE/floor {_ratio(c, f)}"
+                )
+    return "\n".join(lines) + "\n"
+
+
+HEADER = """# Benchmark results
+
+Appended by the scripts in `benchmarks/` (newest last). Every ratio is measured within one process
+(or, for back-end comparisons, between alternating subprocesses) with alternating rounds and
+medians; the machine may be shared, so absolute milliseconds are noisy: compare ratios and look at
+the load average recorded with each entry.
+
+* `benchmarks/generators.py` (`python benchmarks/generators.py [--rounds N] [--no_train]`): jit
+  inference (eval mode) and one training forward+backward (train mode, grad of the mean output
+  w.r.t. the Params) of the full-size ADE20k generators, batch 1, 256x256: CLADE, SPADE and the
+  convolution-only floor (`norm=none`: every normalization layer removed). Ratios CLADE/SPADE and
+  CLADE/floor.
+* `python benchmarks/generators.py --backend_compare [--runs N]`: the same in subprocesses that
+  alternate XLA:CPU's Eigen convolutions (the package default) and YNNPACK (jaxlib's default);
+  ratios Eigen/YNNPACK.
+"""
+
+
+def append(text: str) -> None:
+    new = not os.path.exists(RESULTS)
+    with open(RESULTS, "a") as f:
+        if new:
+            f.write(HEADER)
+        f.write("\n" + text)
+
+
+def main(argv=None) -> None:
+    args = _parse(argv)
+    if args.backend_compare:
+        text = backend_compare(args)
+    else:
+        models = [m for m in args.models.split(",") if m]
+        if unknown := set(models) - set(MODELS):
+            raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {list(MODELS)}")
+        res = measure(args.rounds, train=not args.no_train, models=models)
+        if args.json:
+            print(json.dumps(res), flush=True)
+            return
+        print(json.dumps({k: res[k] for k in ("all_ms", "warmup_s", "loads")}, indent=1))
+        text = report(res)
+    print(text)
+    if not args.no_append:
+        append(text)
+        print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

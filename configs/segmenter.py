@@ -1,0 +1,101 @@
+"""A segmenter for scoring synthesized images (mIoU, pixel accuracy) on any data set.
+
+    python train.py --config=configs/segmenter.py:dataset=synthetic --workdir=/tmp/seg_synth
+    python train.py --config=configs/segmenter.py:dataset=ade20k,root=/data/ADE --workdir=DIR
+    python train.py --config=configs/segmenter.py:dataset=synthetic,tiny --workdir=/tmp/t  # tests
+
+Trains `clade_jax.evaluation.segmenter.SegmenterNet` (a compact U-Net) on the real training images
+of the named dataset config and reports validation mIoU / pixel accuracy at the end. On the
+synthetic scenes the default run (3000 steps, batch 16, 64x64) takes a few minutes on a GPU and
+reaches well above 90% pixel accuracy; a generator's images are then scored with
+`eval.segmenter_workdir` pointing at this workdir. The papers' segmenters (UperNet101, DeepLabv2,
+DRN-D-105) give the published numbers; this one only ranks generators against each other.
+
+Arguments (comma-separated, after the colon):
+  dataset=NAME   any dataset config in configs/ (synthetic, ade20k, coco_stuff, cityscapes, ...)
+  root=PATH, source=folder|tfds   passed to the dataset config
+  width=N        base width (stage widths N, 2N, 4N, ...; as many stages as without it)
+  steps=N, batch=N, lr=X
+  bf16           bfloat16 compute
+  tiny           ~20 s on a 2-core CPU: 32x32 crops, widths (16, 32, 64), 120 steps (synthetic
+                 scenes: 96-97% validation pixel accuracy, mIoU ~0.8-0.86 over seeds 0-4)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from configs import common
+
+_DATA_ARGS = ("root", "source", "tiny")  # what the dataset config itself understands
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = common.parse_arg(arg)
+    known = {"dataset", "width", "steps", "batch", "lr", "bf16", *_DATA_ARGS}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown segmenter config argument(s) {unknown}; known: {sorted(known)}")
+    dataset = args.get("dataset", "synthetic")
+    data_arg = ",".join(k if v is True else f"{k}={v}" for k, v in args.items() if k in _DATA_ARGS)
+
+    c = ml_collections.ConfigDict()
+    c.task = "segmenter"  # train.py dispatches on this
+    c.seed = 0  # init and data order
+    c.data = importlib.import_module(f"configs.{dataset}").get_config(data_arg or None).data
+    c.data.use_instance = False  # the segmenter needs photos and labels only
+    c.data.icpe = False
+
+    c.model = m = ml_collections.ConfigDict()
+    m.widths = (32, 64, 128, 256)  # channels per resolution, finest first (3 downsamplings)
+    m.depth = 2  # conv-BN-ReLU layers per stage
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 2e-3  # peak AdamW learning rate
+    o.warmup_steps = 100  # linear warm-up
+    o.final_lr_fraction = 0.01  # cosine decay ends at lr * this
+    o.beta1 = 0.9  # Adam beta1
+    o.beta2 = 0.999  # Adam beta2
+    o.weight_decay = 1e-4  # decoupled weight decay
+
+    c.batch_size = 16  # global batch over all devices and hosts
+    c.num_train_steps = 3000  # optimizer steps
+    c.compute_dtype = "float32"  # float32 | bfloat16 (BatchNorm and logits stay float32)
+    c.log_every_steps = 50  # scalars to TensorBoard
+    c.checkpoint_every_steps = 1000  # orbax checkpoints (also at the end)
+    c.keep_checkpoints = 2  # checkpoints kept
+    c.write_tensorboard = True  # clu metric writer in the workdir
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.at_end = True  # score the validation split after training
+    e.split = "validation"  # split scored
+    e.batch_size = 16  # images per segmenter call
+    e.max_images = 0  # > 0 scores the first N images only
+
+    if args.get("tiny"):
+        c.data.crop_size = 32
+        c.data.load_size = 36 if c.data.preprocess == "resize_and_crop" else 32
+        c.data.synthetic_resolution = 36
+        c.model.widths = (16, 32, 64)
+        c.optim.lr = 5e-3
+        c.optim.warmup_steps = 5
+        c.batch_size = 8
+        c.num_train_steps = 120
+        c.log_every_steps = 20
+        c.checkpoint_every_steps = 60
+        c.eval.batch_size = 8
+        c.eval.max_images = 16
+    if "width" in args:
+        w = int(args["width"])
+        c.model.widths = tuple(w * 2**i for i in range(len(c.model.widths)))
+    if "steps" in args:
+        c.num_train_steps = int(args["steps"])
+    if "batch" in args:
+        c.batch_size = int(args["batch"])
+    if "lr" in args:
+        c.optim.lr = float(args["lr"])
+    if args.get("bf16"):
+        c.compute_dtype = "bfloat16"
+    return c

@@ -1,0 +1,37 @@
+"""Train a clade_jax model: flags -> `train_and_evaluate` (this file is intentionally short).
+
+    python train.py --config=configs/coco_stuff.py:root=/data/cocostuff --workdir=/runs/coco
+    python train.py --config=configs/synthetic.py:tiny --workdir=/tmp/tiny
+
+Starting on a workdir that holds a checkpoint resumes it. Multi-process runs (GPU clusters, TPU
+pods) call `jax.distributed.initialize()`: pass --distributed for automatic detection (TPU, SLURM,
+Open MPI) or --coordinator_address, --num_processes and --process_id explicitly.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from clade_jax import distributed
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "a configs/*.py file[:arg]", lock_config=True)
+flags.DEFINE_string("workdir", None, "output and resume directory")
+distributed.define_flags()
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    distributed.initialize_from_flags()
+    if getattr(FLAGS.config, "task", "gan") == "segmenter":
+        from clade_jax.evaluation.segmenter import train_segmenter
+
+        train_segmenter(FLAGS.config, FLAGS.workdir)
+    else:
+        from clade_jax.training import train_and_evaluate
+
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
