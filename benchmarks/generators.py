@@ -19,10 +19,14 @@ and YNNPACK (jaxlib 0.10's default; `CLADE_JAX_KEEP_XLA_FLAGS=1` and the flag ab
 flag cannot change inside a process, and reports the per-model ratios Eigen / YNNPACK (medians
 over the subprocess runs).
 
-    python benchmarks/generators.py [--rounds N] [--no_train] [--backend_compare [--runs N]]
+    python benchmarks/generators.py [--rounds N] [--infer_rounds N] [--no_train]
+    python benchmarks/generators.py --backend_compare [--runs N] [--rounds N] [--no_train]
 
-Timings on a shared machine are noisy: read the ratios (measured within one process), not the
-absolute milliseconds, and look at the recorded load average.
+Each call is timed twice: wall-clock time, and the process's CPU time (`time.process_time`, all
+threads). On a machine shared with other jobs the wall time of one call can double from round to
+round while its CPU time moves by a few percent, so the CPU-time ratios are the steadier
+measurement there; on an idle machine the two agree in ratio. Read the ratios (measured within one
+process), not the absolute milliseconds, and look at the recorded load average.
 """
 
 from __future__ import annotations
@@ -47,14 +51,20 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (one call per model each)")
+    p.add_argument("--rounds", type=int, help="timed training rounds (default 5; compare: 2)")
+    p.add_argument("--infer_rounds", type=int, help="timed inference rounds (default 10; compare: 5)")
     p.add_argument("--no_train", action="store_true", help="time inference only")
     p.add_argument("--backend_compare", action="store_true", help="Eigen vs YNNPACK subprocesses")
     p.add_argument("--runs", type=int, default=2, help="subprocess runs per back-end (compare)")
     p.add_argument("--models", default=",".join(MODELS), help="subset of CLADE,SPADE,floor")
     p.add_argument("--no_append", action="store_true", help="do not append to RESULTS.md")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # worker output
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 2 if args.backend_compare else 5
+    if args.infer_rounds is None:
+        args.infer_rounds = 5 if args.backend_compare else 10
+    return args
 
 
 def _load() -> str:
@@ -84,7 +94,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure(rounds: int, train: bool, models: list[str]) -> dict:
+def measure(rounds: int, infer_rounds: int, train: bool, models: list[str]) -> dict:
     """Build the three generators, compile, and time alternating rounds; returns medians in ms."""
     sys.path.insert(0, REPO)
     import jax
@@ -122,20 +132,30 @@ def measure(rounds: int, train: bool, models: list[str]) -> dict:
         jax.block_until_ready(f())  # second warm-up run
         compile_s["/".join(key)] = round(time.perf_counter() - t, 1)
 
-    times = {key: [] for key in fns}
+    # Inference and training are timed in separate phases (a 20 s SPADE training step between two
+    # inference calls evicts caches and makes the inference numbers noisier); within a phase the
+    # models alternate, one call each per round.
+    wall = {key: [] for key in fns}
+    cpu = {key: [] for key in fns}
     loads = [_load()]
-    for _ in range(rounds):
-        for key, f in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(f())
-            times[key].append(time.perf_counter() - t)
-        loads.append(_load())
+    for mode, n in (("infer", infer_rounds), ("train", rounds)):
+        keys = [key for key in fns if key[1] == mode]
+        for _ in range(n if keys else 0):
+            for key in keys:
+                t, c = time.perf_counter(), time.process_time()
+                jax.block_until_ready(fns[key]())
+                wall[key].append(time.perf_counter() - t)
+                cpu[key].append(time.process_time() - c)
+            loads.append(_load())
     return {
-        "ms": {"/".join(k): round(_median_ms(v), 1) for k, v in times.items()},
-        "all_ms": {"/".join(k): [round(1e3 * x, 1) for x in v] for k, v in times.items()},
+        "ms": {"/".join(k): round(_median_ms(v), 1) for k, v in wall.items()},
+        "cpu_ms": {"/".join(k): round(_median_ms(v), 1) for k, v in cpu.items()},
+        "all_ms": {"/".join(k): [round(1e3 * x) for x in v] for k, v in wall.items()},
+        "all_cpu_ms": {"/".join(k): [round(1e3 * x) for x in v] for k, v in cpu.items()},
         "warmup_s": compile_s,
         "loads": loads,
         "rounds": rounds,
+        "infer_rounds": infer_rounds,
         "jax": jax.__version__,
         "device": f"{jax.devices()[0].device_kind} ({_cpu_name()}, {os.cpu_count()} cores)",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -148,25 +168,26 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def report(res: dict) -> str:
-    ms = res["ms"]
     lines = [
         f"### generators, {res['backend']} convolutions "
         f"({datetime.datetime.now().isoformat(timespec='minutes')})",
         "",
         f"jax {res['jax']}, {res['device']}, XLA_FLAGS=`{res['xla_flags']}`, "
-        f"{res['rounds']} alternating rounds, medians; load average (1/5/15 min) "
+        f"alternating rounds ({res['infer_rounds']} inference, then {res['rounds']} training), "
+        "medians; load average (1/5/15 min) "
         f"{res['loads'][0]} at start, {res['loads'][-1]} at end.",
         "",
         "| batch 1, 256x256 | CLADE ms | SPADE ms | floor ms | CLADE/SPADE | CLADE/floor |",
         "|---|---|---|---|---|---|",
     ]
     for mode in ("infer", "train"):
-        c, s, f = (ms.get(f"{m}/{mode}") for m in MODELS)
-        if c is s is f is None:
-            continue
-        label = "inference" if mode == "infer" else "train fwd+bwd"
-        cells = " | ".join("-" if v is None else f"{v:.0f}" for v in (c, s, f))
-        lines.append(f"| {label} | {cells} | {_ratio(c, s)} | {_ratio(c, f)} |")
+        for clock, ms in (("wall", res["ms"]), ("CPU time", res["cpu_ms"])):
+            c, s, f = (ms.get(f"{m}/{mode}") for m in MODELS)
+            if c is s is f is None:
+                continue
+            label = ("inference" if mode == "infer" else "train fwd+bwd") + f", {clock}"
+            cells = " | ".join("-" if v is None else f"{v:.0f}" for v in (c, s, f))
+            lines.append(f"| {label} | {cells} | {_ratio(c, s)} | {_ratio(c, f)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +205,7 @@ def backend_compare(args: argparse.Namespace) -> str:
     for env in envs.values():
         env["JAX_COMPILATION_CACHE_DIR"] = cache
     cmd = [sys.executable, os.path.abspath(__file__), "--json", f"--rounds={args.rounds}"]
+    cmd.append(f"--infer_rounds={args.infer_rounds}")
     cmd.append(f"--models={args.models}")
     if args.no_train:
         cmd.append("--no_train")
@@ -196,8 +218,10 @@ def backend_compare(args: argparse.Namespace) -> str:
             print(report(res), flush=True)
             runs[backend].append(res)
     keys = list(runs["Eigen"][0]["ms"])
-    med = {
-        b: {k: statistics.median(r["ms"][k] for r in rs) for k in keys} for b, rs in runs.items()
+    med = {  # (clock, back-end) -> {model/mode: median over runs of each run's median}
+        (clock, b): {k: statistics.median(r[clock][k] for r in rs) for k in keys}
+        for clock in ("ms", "cpu_ms")
+        for b, rs in runs.items()
     }
     first = runs["Eigen"][0]
     one_min = [float(r["loads"][i].split()[0]) for rs in runs.values() for r in rs for i in (0, -1)]
@@ -206,27 +230,34 @@ def backend_compare(args: argparse.Namespace) -> str:
         f"({datetime.datetime.now().isoformat(timespec='minutes')})",
         "",
         f"jax {first['jax']}, {first['device']}; {args.runs} alternating subprocess runs per "
-        f"back-end (Eigen, YNNPACK, Eigen, ...), {args.rounds} rounds each; medians over runs of "
+        f"back-end (Eigen, YNNPACK, Eigen, ...), {args.infer_rounds} inference and {args.rounds} "
+        "training rounds each; medians over runs of "
         f"each run's median. Eigen: XLA_FLAGS=`{envs['Eigen']['XLA_FLAGS']}`; YNNPACK: "
         f"XLA_FLAGS=`{envs['YNNPACK']['XLA_FLAGS']}`, CLADE_JAX_KEEP_XLA_FLAGS=1. 1-minute load "
         f"average {min(one_min):.2f} to {max(one_min):.2f} during the runs.",
         "",
-        "| batch 1, 256x256 | Eigen ms | YNNPACK ms | Eigen/YNNPACK | Eigen runs | YNNPACK runs |",
-        "|---|---|---|---|---|---|",
+        "| batch 1, 256x256 | clock | Eigen ms | YNNPACK ms | Eigen/YNNPACK | Eigen runs | "
+        "YNNPACK runs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for k in keys:
-        e, y = med["Eigen"][k], med["YNNPACK"][k]
         name = k.replace("/infer", " inference").replace("/train", " train fwd+bwd")
-        per = [", ".join(f"{r['ms'][k]:.0f}" for r in runs[b]) for b in envs]
-        lines.append(f"| {name} | {e:.0f} | {y:.0f} | {_ratio(e, y)} | {per[0]} | {per[1]} |")
+        for clock, label in (("ms", "wall"), ("cpu_ms", "CPU time")):
+            e, y = med[clock, "Eigen"][k], med[clock, "YNNPACK"][k]
+            per = [", ".join(f"{r[clock][k]:.0f}" for r in runs[b]) for b in envs]
+            lines.append(
+                f"| {name} | {label} | {e:.0f} | {y:.0f} | {_ratio(e, y)} | {per[0]} | {per[1]} |"
+            )
     lines.append("")
     for b in envs:
         for mode, label in (("infer", "inference"), ("train", "train fwd+bwd")):
-            c, s, f = (med[b].get(f"{m}/{mode}") for m in MODELS)
-            if c is not None:
-                lines.append(
-                    f"* {b} {label}: CLADE/SPADE {_ratio(c, s)}, CLADE/floor {_ratio(c, f)}"
-                )
+            for clock, clock_label in (("ms", "wall"), ("cpu_ms", "CPU time")):
+                c, s, f = (med[clock, b].get(f"{m}/{mode}") for m in MODELS)
+                if c is not None:
+                    lines.append(
+                        f"* {b} {label} ({clock_label}): CLADE/SPADE {_ratio(c, s)}, "
+                        f"CLADE/floor {_ratio(c, f)}"
+                    )
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +266,8 @@ HEADER = """# Benchmark results
 Appended by the scripts in `benchmarks/` (newest last). Every ratio is measured within one process
 (or, for back-end comparisons, between alternating subprocesses) with alternating rounds and
 medians; the machine may be shared, so absolute milliseconds are noisy: compare ratios and look at
-the load average recorded with each entry.
+the load average recorded with each entry. "wall" is wall-clock time per call, "CPU time" the
+process's CPU time per call (all threads): under load from other jobs the latter is much steadier.
 
 * `benchmarks/generators.py` (`python benchmarks/generators.py [--rounds N] [--no_train]`): jit
   inference (eval mode) and one training forward+backward (train mode, grad of the mean output
@@ -264,11 +296,13 @@ def main(argv=None) -> None:
         models = [m for m in args.models.split(",") if m]
         if unknown := set(models) - set(MODELS):
             raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {list(MODELS)}")
-        res = measure(args.rounds, train=not args.no_train, models=models)
+        res = measure(args.rounds, args.infer_rounds, train=not args.no_train, models=models)
         if args.json:
             print(json.dumps(res), flush=True)
             return
-        print(json.dumps({k: res[k] for k in ("all_ms", "warmup_s", "loads")}, indent=1))
+        for key in res["all_ms"]:
+            print(f"{key:12s} wall {res['all_ms'][key]}  CPU {res['all_cpu_ms'][key]}")
+        print("warm-up (compile + 2 calls) s:", res["warmup_s"], "\nload averages:", res["loads"])
         text = report(res)
     print(text)
     if not args.no_append:

@@ -16,8 +16,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("process_id", None, "this process's id (multi-process)")
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None,
-               auto: bool = False) -> None:
+def initialize(
+    coordinator_address=None, num_processes=None, process_id=None, auto: bool = False
+) -> None:
     """Initialise JAX's multi-process runtime when asked to (explicit arguments or `auto`)."""
     if coordinator_address is None and not auto:
         return
@@ -26,8 +27,11 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
     if coordinator_address is None:
         jax.distributed.initialize()
     else:
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
 
 
 def initialize_from_flags() -> None:

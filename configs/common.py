@@ -111,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.image_every_steps = 1000  # image grids (label | synthesized | real) to TensorBoard
     c.checkpoint_every_steps = 2000  # orbax checkpoints (also at the end and on SIGTERM)
     c.keep_checkpoints = 3  # checkpoints kept
+    c.save_initial_checkpoint = False  # also checkpoint step 0 (the demo evaluates it)
     c.eval_every_steps = 0  # > 0: FID / mIoU during training (0: only evaluate.py)
     c.num_image_samples = 8  # examples in each image grid
 

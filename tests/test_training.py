@@ -98,7 +98,8 @@ def _sharded_step_outputs(config, devices, batch):
         m = nnx.merge(graphdef, state)
         fn = lambda gen, d: generator_losses(gen, d, batch, None, None, config.loss)
         (_, parts), grads = nnx.value_and_grad(
-            fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)(m.gen, m.d)
+            fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True
+        )(m.gen, m.d)
         return grads, parts, nnx.state(m, nnx.BatchStat)
 
     grads, parts, buffers = g_grads(state, batch)
@@ -120,8 +121,9 @@ def test_one_device_and_eight_devices_agree():
     """
     assert jax.device_count() >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     config = tiny()
-    batch = next(make_train_iterator(config.data, global_batch_size=8, process_index=0,
-                                     process_count=1))
+    batch = next(
+        make_train_iterator(config.data, global_batch_size=8, process_index=0, process_count=1)
+    )
     g1, p1, b1, s1, m1 = _sharded_step_outputs(config, jax.devices()[:1], batch)
     g8, p8, b8, s8, m8 = _sharded_step_outputs(config, jax.devices()[:8], batch)
     for k in p1:

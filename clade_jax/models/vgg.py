@@ -35,9 +35,10 @@ def load_vgg19(path: str | os.PathLike) -> dict[str, jnp.ndarray]:
     if not path:
         raise ValueError(
             "config.loss.lambda_vgg > 0 needs config.loss.vgg_weights: a torchvision vgg19 state "
-            "dict, e.g. made with `python -c \"import torch, torchvision; torch.save(torchvision."
+            'dict, e.g. made with `python -c "import torch, torchvision; torch.save(torchvision.'
             "models.vgg19(weights='IMAGENET1K_V1').state_dict(), 'vgg19.pth')\"`; or set "
-            "loss.lambda_vgg=0")
+            "loss.lambda_vgg=0"
+        )
     if not os.path.exists(path):
         raise FileNotFoundError(f"VGG19 weights {path!r} (config.loss.vgg_weights) do not exist")
     if path.endswith(".npz"):
@@ -52,8 +53,10 @@ def load_vgg19(path: str | os.PathLike) -> dict[str, jnp.ndarray]:
         w, b = state.get(f"features.{i}.weight"), state.get(f"features.{i}.bias")
         if w is None or b is None:
             raise ValueError(f"{path}: not a torchvision vgg19 state dict (no features.{i}.*)")
-        params[f"features.{i}"] = (jnp.asarray(np.transpose(w, (2, 3, 1, 0)), jnp.float32),
-                                   jnp.asarray(b, jnp.float32))
+        params[f"features.{i}"] = (
+            jnp.asarray(np.transpose(w, (2, 3, 1, 0)), jnp.float32),
+            jnp.asarray(b, jnp.float32),
+        )
     return params
 
 
@@ -62,16 +65,20 @@ def vgg19_features(params: dict, x: jnp.ndarray) -> list[jnp.ndarray]:
     outs = []
     for i in CONV_INDICES:
         kernel, bias = params[f"features.{i}"]
-        x = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.lax.conv_general_dilated(
+            x,
+            kernel.astype(x.dtype),
+            (1, 1),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         x = jax.nn.relu(x + bias.astype(x.dtype))
         if i in SLICE_ENDS:
             outs.append(x)
         if i == SLICE_ENDS[-1]:
             break
         if i in POOL_AFTER:
-            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-                                      "VALID")
+            x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     return outs
 
 

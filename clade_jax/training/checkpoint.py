@@ -45,19 +45,30 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def make_manager(workdir: str, *, keep: int = 3, save_interval_steps: int = 1,
-                 with_data: bool = True) -> ocp.CheckpointManager:
+def make_manager(
+    workdir: str, *, keep: int = 3, save_interval_steps: int = 1, with_data: bool = True
+) -> ocp.CheckpointManager:
     """An async CheckpointManager under `workdir/checkpoints` keeping the last `keep`."""
     items = ("state", "data") if with_data else ("state",)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           save_interval_steps=save_interval_steps,
-                                           enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-                                 options=options, item_names=items)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options, item_names=items
+    )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: nnx.State, data_iterator=None,
-         *, force: bool = False) -> bool:
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: nnx.State,
+    data_iterator=None,
+    *,
+    force: bool = False,
+) -> bool:
     """Start an (async) save of `state` and the data iterator at `step`."""
     args = {"state": ocp.args.StandardSave(state.to_pure_dict())}
     if data_iterator is not None:
@@ -65,8 +76,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: nnx.State, data_itera
     return manager.save(step, args=ocp.args.Composite(**args), force=force)
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state: nnx.State, sharding=None,
-            data_iterator=None, step: int | None = None):
+def restore(
+    manager: ocp.CheckpointManager,
+    abstract_state: nnx.State,
+    sharding=None,
+    data_iterator=None,
+    step: int | None = None,
+):
     """Restore (state, data iterator, step) of the latest (or the given) step.
 
     Args:
@@ -81,7 +97,8 @@ def restore(manager: ocp.CheckpointManager, abstract_state: nnx.State, sharding=
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        abstract_state.to_pure_dict())
+        abstract_state.to_pure_dict(),
+    )
     args = {"state": ocp.args.StandardRestore(target)}
     # A converted official checkpoint has no data position: the iterator then starts fresh.
     has_data = os.path.isdir(os.path.join(str(manager.directory), str(step), "data"))

@@ -74,8 +74,9 @@ def lr_factor(config, dataset_size: int):
 
 def make_optimizer(lr: float, config, factor) -> optax.GradientTransformation:
     """Adam with the official betas (TTUR: 0, 0.9) and eps (1e-8), lr * factor(step)."""
-    return optax.adam(lambda count: lr * factor(count), b1=config.optim.beta1,
-                      b2=config.optim.beta2, eps=1e-8)
+    return optax.adam(
+        lambda count: lr * factor(count), b1=config.optim.beta1, b2=config.optim.beta2, eps=1e-8
+    )
 
 
 class GANState(nnx.Module):
@@ -83,13 +84,14 @@ class GANState(nnx.Module):
 
     def __init__(self, config, dataset_size: int, *, rngs: nnx.Rngs):
         factor = lr_factor(config, dataset_size)
-        self.gen = Synthesizer(build_generator(config, rngs=rngs),
-                               build_encoder(config, rngs=rngs))
+        self.gen = Synthesizer(build_generator(config, rngs=rngs), build_encoder(config, rngs=rngs))
         self.d = build_discriminator(config, rngs=rngs)
-        self.opt_g = nnx.Optimizer(self.gen, make_optimizer(config.optim.lr_g, config, factor),
-                                   wrt=nnx.Param)
-        self.opt_d = nnx.Optimizer(self.d, make_optimizer(config.optim.lr_d, config, factor),
-                                   wrt=nnx.Param)
+        self.opt_g = nnx.Optimizer(
+            self.gen, make_optimizer(config.optim.lr_g, config, factor), wrt=nnx.Param
+        )
+        self.opt_d = nnx.Optimizer(
+            self.d, make_optimizer(config.optim.lr_d, config, factor), wrt=nnx.Param
+        )
         self.g_ema = nnx.data(None)
         if config.ema_decay > 0:
             self.g_ema = nnx.clone(self.gen.g)

@@ -81,8 +81,17 @@ def discriminator_losses(d, batch, fake):
     return sum(parts.values()), parts
 
 
-def train_step(graphdef, state, batch: dict, step: jnp.ndarray, key: jax.Array,
-               vgg_params, *, loss_cfg, ema_decay: float):
+def train_step(
+    graphdef,
+    state,
+    batch: dict,
+    step: jnp.ndarray,
+    key: jax.Array,
+    vgg_params,
+    *,
+    loss_cfg,
+    ema_decay: float,
+):
     """One G update and one D update (see the module docstring). Pure; jit it with the state
     donated (`make_train_step`)."""
     model: GANState = nnx.merge(graphdef, state)
@@ -113,10 +122,15 @@ def train_step(graphdef, state, batch: dict, step: jnp.ndarray, key: jax.Array,
 
 def make_train_step(graphdef, config, state_sharding, batch_sharding):
     """jit-compiled `train_step` with the state donated and the given shardings."""
-    fn = functools.partial(train_step, graphdef, loss_cfg=config.loss,
-                           ema_decay=float(config.ema_decay))
-    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding, None, None, None),
-                   out_shardings=(state_sharding, None), donate_argnums=(0,))
+    fn = functools.partial(
+        train_step, graphdef, loss_cfg=config.loss, ema_decay=float(config.ema_decay)
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(state_sharding, batch_sharding, None, None, None),
+        out_shardings=(state_sharding, None),
+        donate_argnums=(0,),
+    )
 
 
 def sample_train_mode(graphdef, state, batch: dict, key: jax.Array):

@@ -1,0 +1,203 @@
+"""`clade_jax.synthesize`: label PNGs in, images out; validation, multi-modal and style-guided.
+
+The workdirs here are initialized, not trained (config.json + an orbax checkpoint at step 0
+without data state: the layout `python -m clade_jax.convert` writes), which keeps the tests fast;
+what is checked is that the files reach the generator exactly as the model's inputs would.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from clade_jax.data import synthetic
+from clade_jax.data.sources import DataError
+from clade_jax.layers.labels import icpe_offsets
+from clade_jax.models.encoder import reparameterize
+from clade_jax.synthesize import InferenceModel, load_inference_model, synthesize, to_uint8
+from clade_jax.training import checkpoint
+from clade_jax.training.state import GANState
+from configs import synthetic as synthetic_config
+
+
+def make_initialized_workdir(config, workdir: str) -> str:
+    """config.json + checkpoints/0 (state only) of a freshly initialized model."""
+    checkpoint.write_config(config, workdir)
+    state = nnx.state(GANState(config, 16, rngs=nnx.Rngs(config.seed)))
+    manager = checkpoint.make_manager(workdir, with_data=False)
+    checkpoint.save(manager, 0, state, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
+
+
+def write_png(path, array) -> str:
+    Image.fromarray(np.asarray(array)).save(path)
+    return str(path)
+
+
+def scene(index: int, size: int = 64) -> dict:
+    return synthetic.generate_scene(index, size, size, split="validation")
+
+
+def read(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    """A tiny VAE workdir and its restored model (restored once, reused by the tests)."""
+    workdir = make_initialized_workdir(
+        synthetic_config.get_config("tiny,vae"), str(tmp_path_factory.mktemp("vae"))
+    )
+    config, g, e, _ = checkpoint.load_models(workdir)
+    return workdir, (config, InferenceModel(g, e)), g, e
+
+
+@pytest.fixture(scope="module")
+def labels_dir(tmp_path_factory):
+    """Three label PNGs (uint8 class ids): two at the model's 64x64, one at 48x48."""
+    folder = tmp_path_factory.mktemp("labels")
+    for i, size in enumerate((64, 64, 48)):
+        write_png(folder / f"map{i}.png", scene(i, size)["label"].astype(np.uint8))
+    return folder
+
+
+def test_multimodal_samples_differ_by_seed_and_repeat_for_the_same_seed(
+    vae_run, labels_dir, tmp_path
+):
+    workdir, model, g, e = vae_run
+    a = synthesize(workdir, labels_dir, tmp_path / "a", num_samples=2, seed=1, model=model)
+    b = synthesize(workdir, labels_dir, tmp_path / "b", num_samples=2, seed=1, model=model)
+    c = synthesize(workdir, labels_dir, tmp_path / "c", num_samples=2, seed=2, model=model)
+    assert [p.name for p in a] == [f"map{i}_sample{k}.png" for i in range(3) for k in range(2)]
+    imgs = {name: [read(p) for p in files] for name, files in (("a", a), ("b", b), ("c", c))}
+    for x in imgs["a"]:
+        assert x.shape == (64, 64, 3) and x.dtype == np.uint8  # the 48x48 map was resized
+    for x, y in zip(imgs["a"], imgs["b"], strict=True):
+        np.testing.assert_array_equal(x, y)  # same seed, same images
+    for x, y in zip(imgs["a"], imgs["c"], strict=True):
+        assert np.abs(x.astype(int) - y).mean() > 0.5  # another seed, other images
+    assert np.abs(imgs["a"][0].astype(int) - imgs["a"][1]).mean() > 0.5  # two samples differ
+
+
+def test_sample_is_the_generator_on_the_file_with_z_from_the_seed(vae_run, labels_dir, tmp_path):
+    workdir, model, g, e = vae_run
+    (path,) = synthesize(workdir, [labels_dir / "map0.png"], tmp_path, seed=3, model=model)
+    assert path.name == "map0.png"
+    label = scene(0)["label"][None]
+    z = jax.random.normal(jax.random.fold_in(jax.random.key(3), 0), (1, g.z_dim))
+    expected = to_uint8(g(label, z=z))[0]
+    assert np.abs(read(path).astype(int) - expected).max() <= 1  # jit vs eager rounding
+
+
+def test_style_guided_uses_the_encoder_posterior_of_the_style_image(vae_run, labels_dir, tmp_path):
+    workdir, model, g, e = vae_run
+    style = write_png(tmp_path / "style.png", scene(5)["image"])
+    other = write_png(tmp_path / "other.png", scene(6)["image"])
+    labels = [labels_dir / "map0.png"]
+    (s1,) = synthesize(workdir, labels, tmp_path / "s1", style=style, seed=0, model=model)
+    (s2,) = synthesize(workdir, labels, tmp_path / "s2", style=other, seed=0, model=model)
+    (prior,) = synthesize(workdir, labels, tmp_path / "p", seed=0, model=model)
+    image = scene(5)["image"][None].astype(np.float32) / 127.5 - 1.0
+    mu, logvar = e(image)
+    z = reparameterize(mu, logvar, jax.random.fold_in(jax.random.key(0), 0))
+    expected = to_uint8(g(scene(0)["label"][None], z=z))[0]
+    assert np.abs(read(s1).astype(int) - expected).max() <= 1
+    assert np.abs(read(s1).astype(int) - read(s2)).mean() > 0.5
+    assert np.abs(read(s1).astype(int) - read(prior)).mean() > 0.5
+
+
+def test_out_of_range_values_name_the_file_and_the_values(vae_run, tmp_path):
+    workdir, model, g, e = vae_run
+    label = scene(0)["label"].astype(np.uint8)
+    label[:3, :3] = 12
+    label[10, 10] = 255
+    bad = write_png(tmp_path / "bad_map.png", label)
+    with pytest.raises(DataError, match=r"bad_map\.png.*outside \[0, 10\): 12, 255"):
+        synthesize(workdir, bad, tmp_path / "out", model=model)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_non_image_and_colour_files_are_rejected_by_name(vae_run, tmp_path):
+    workdir, model, g, e = vae_run
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(DataError, match=r"cannot read label/instance map .*notes\.png"):
+        synthesize(workdir, text, tmp_path / "out", model=model)
+    rgb = write_png(tmp_path / "colour.png", scene(0)["image"])
+    with pytest.raises(DataError, match=r"colour\.png.*single-channel"):
+        synthesize(workdir, rgb, tmp_path / "out", model=model)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        synthesize(workdir, tmp_path / "missing.png", tmp_path / "out", model=model)
+
+
+def test_dataset_encoding_is_applied_when_asked(vae_run, tmp_path):
+    """With label_encoding='dataset' the data set's PNG rules apply (here: no remapping, so the
+    same map gives the same image; out-of-range values still name the file)."""
+    workdir, model, g, e = vae_run
+    path = write_png(tmp_path / "m.png", scene(1)["label"].astype(np.uint8))
+    (a,) = synthesize(workdir, path, tmp_path / "a", model=model)
+    (b,) = synthesize(workdir, path, tmp_path / "b", label_encoding="dataset", model=model)
+    np.testing.assert_array_equal(read(a), read(b))
+    with pytest.raises(ValueError, match="label encoding"):
+        synthesize(workdir, path, tmp_path / "c", label_encoding="rgb", model=model)
+
+
+def test_icpe_and_instance_model(tmp_path):
+    """ICPE maps are computed from the (resized) label map; instance maps are required and read."""
+    config = synthetic_config.get_config("tiny,icpe")
+    config.data.use_instance = True
+    workdir = make_initialized_workdir(config, str(tmp_path / "run"))
+    model = load_inference_model(workdir)[:2]
+    ex = scene(2)
+    label = write_png(tmp_path / "scene.png", ex["label"].astype(np.uint8))
+    (tmp_path / "inst").mkdir()
+    write_png(tmp_path / "inst" / "scene.png", ex["instance"].astype(np.uint16))
+    with pytest.raises(ValueError, match="instance maps"):
+        synthesize(workdir, label, tmp_path / "out", model=model)
+    with pytest.raises(ValueError, match="no latent code"):
+        synthesize(
+            workdir,
+            label,
+            tmp_path / "out",
+            num_samples=2,
+            instances=tmp_path / "inst",
+            model=model,
+        )
+    with pytest.raises(ValueError, match="VAE encoder"):
+        synthesize(
+            workdir, label, tmp_path / "out", style=label, instances=tmp_path / "inst", model=model
+        )
+    (path,) = synthesize(workdir, label, tmp_path / "out", instances=tmp_path / "inst", model=model)
+    # The file reached the (already compiled) model as the pipeline's inputs would.
+    icpe = icpe_offsets(ex["label"], ignore=(synthetic.DONTCARE,))
+    expected = model[1](ex["label"][None], instance=ex["instance"][None], icpe=icpe[None])
+    np.testing.assert_array_equal(read(path), to_uint8(expected)[0])
+    without_icpe = model[1](ex["label"][None], instance=ex["instance"][None], icpe=0 * icpe[None])
+    assert np.abs(read(path).astype(int) - to_uint8(without_icpe)[0]).mean() > 0.1
+
+
+def test_converted_official_checkpoint_reproduces_the_official_output(fixture, tmp_path):
+    """Label PNGs through a workdir made by `clade_jax.convert` from the official CLADE weights of
+    the parity fixture give the official PyTorch output, pixel for pixel."""
+    from clade_jax.convert.workdir import convert
+
+    fx = fixture("clade_tiny")
+    official = tmp_path / "official"
+    official.mkdir()
+    lines = [f"{k:>25}: {v!s:<30}" for k, v in sorted(fx.options.items())]
+    (official / "opt.txt").write_text("\n".join(["---- Options ----", *lines, "---- End ----"]))
+    np.savez(official / "latest_net_G.npz", **fx.state)
+    workdir = str(tmp_path / "run")
+    convert(str(official), workdir)
+
+    labels = np.asarray(fx["input/label"])
+    paths = [write_png(tmp_path / f"map{i}.png", x.astype(np.uint8)) for i, x in enumerate(labels)]
+    files = synthesize(workdir, paths, tmp_path / "out")
+    official_images = to_uint8(np.transpose(fx["output/image"], (0, 2, 3, 1)))  # NCHW -> NHWC
+    for path, expected in zip(files, official_images, strict=True):
+        np.testing.assert_array_equal(read(path), expected)
