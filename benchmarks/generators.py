@@ -52,7 +52,7 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, help="timed training rounds (default 5; compare: 2)")
-    p.add_argument("--infer_rounds", type=int, help="timed inference rounds (default 10; compare: 5)")
+    p.add_argument("--infer_rounds", type=int, help="inference rounds (default 10; compare: 5)")
     p.add_argument("--no_train", action="store_true", help="time inference only")
     p.add_argument("--backend_compare", action="store_true", help="Eigen vs YNNPACK subprocesses")
     p.add_argument("--runs", type=int, default=2, help="subprocess runs per back-end (compare)")

@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.max_examples = 0  # >0 truncates the dataset (debugging, tests)
 
     c.model = m = ml_collections.ConfigDict()
-    m.generator = "spade"  # spade: the SPADE/CLADE generator of the papers
+    m.generator = "spade"  # spade (SPADE/CLADE) | pix2pixhd (baseline) | unpool_vaegan (seed 003)
     m.norm = "clade"  # clade | spade | none
     m.param_free_norm = "batch"  # batch (synchronized over all devices) | instance | switchable
     m.switchable_batch = True  # switchable norm mixes batch statistics too (False: seed 003's)
@@ -186,6 +186,9 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
     c.loss.lambda_vgg = 0.0
     c.batch_size = 8  # divisible by the 8 host devices the tests use
     c.num_train_steps = 4
+    # A constant learning rate makes the compiled step independent of num_train_steps, so tiny
+    # runs of different lengths share one compilation (the tests' compilation cache).
+    c.num_decay_epochs = 0
     c.log_every_steps = 2
     c.image_every_steps = 2
     c.checkpoint_every_steps = 2

@@ -114,6 +114,7 @@ def test_cli_smoke_with_runtime(capsys):
         "CLADE",
         "CLADE-ICPE",
         "no norm",
+        "Pix2pixHD",
         "CLADE (no inst.)",
     ]
     assert all(r["runtime_s"] is None for r in rows)

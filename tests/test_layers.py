@@ -295,3 +295,19 @@ def test_clade_inside_a_user_model_under_jit_trains_its_class_tables():
         loss, _ = step(model, opt, x, labels, target)
     assert float(loss) < float(loss0)
     assert not np.allclose(np.asarray(model.norm.class_affine.scale[...])[:3], before[:3])
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
+    g = Generator(4, norm="clade", ngf=2, crop_size=64, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    labels = jax.random.randint(jax.random.key(0), (2, 64, 64), 0, 4)
+    out = nnx.jit(lambda m, x: m(x))(g, labels)
+    assert out.dtype == jnp.float32 and out.shape == (2, 64, 64, 3)
+    assert np.isfinite(np.asarray(out)).all()
+    params = jax.tree.leaves(nnx.state(g, nnx.Param))
+    stats = jax.tree.leaves(nnx.state(g, nnx.BatchStat))
+    assert all(p.dtype == jnp.float32 for p in params + stats)
+    # the running statistics moved (computed in float32 from the bf16 activations)
+    assert float(jnp.abs(g.head_0.norm_0.param_free_norm.running_mean[...]).sum()) > 0
+    f32 = Generator(4, norm="clade", ngf=2, crop_size=64, rngs=nnx.Rngs(0))
+    ref = nnx.jit(lambda m, x: m(x))(f32, labels)
+    assert float(jnp.mean(jnp.abs(out - ref))) < 0.05 * float(jnp.mean(jnp.abs(ref))) + 1e-3

@@ -26,11 +26,11 @@ def compute_dtype(config):
     return DTYPES[config.compute_dtype]
 
 
-def generator_kwargs(config) -> dict:
-    """Keyword arguments of the generator named by `config.model.generator`."""
+GENERATORS = ("spade", "pix2pixhd", "unpool_vaegan")
+
+
+def _spade_kwargs(config) -> dict:
     m, d = config.model, config.data
-    if m.generator != "spade":
-        raise ValueError(f"unknown model.generator {m.generator!r}; available: 'spade'")
     return dict(
         num_classes=d.num_classes,
         norm=m.norm,
@@ -39,8 +39,6 @@ def generator_kwargs(config) -> dict:
         crop_size=d.crop_size,
         aspect_ratio=d.aspect_ratio,
         num_upsampling_layers=m.num_upsampling_layers,
-        use_vae=m.use_vae,
-        z_dim=m.z_dim,
         use_instance=d.use_instance,
         icpe=d.icpe,
         spectral_norm=m.spectral_norm,
@@ -50,8 +48,46 @@ def generator_kwargs(config) -> dict:
     )
 
 
+def generator_kwargs(config) -> dict:
+    """Keyword arguments of the generator named by `config.model.generator`:
+
+    * "spade": the SPADE / CLADE generator of the papers (`Generator`);
+    * "pix2pixhd": the pix2pixHD global generator, the papers' baseline (`Pix2PixHDGenerator`);
+    * "unpool_vaegan": seed 003's feature-focused generator with max-unpooling
+      (`UnpoolVAEGANGenerator`).
+    """
+    m, d = config.model, config.data
+    if m.generator == "spade":
+        return dict(**_spade_kwargs(config), use_vae=m.use_vae, z_dim=m.z_dim)
+    if m.use_vae:
+        raise ValueError(f"model.generator={m.generator!r} has no VAE path (model.use_vae)")
+    if m.generator == "pix2pixhd":
+        if d.icpe:
+            raise ValueError("model.generator='pix2pixhd' has no ICPE (data.icpe)")
+        return dict(
+            num_classes=d.num_classes,
+            ngf=m.ngf,
+            use_instance=d.use_instance,
+            spectral_norm=m.spectral_norm,
+            crop_size=d.crop_size,
+            aspect_ratio=d.aspect_ratio,
+        )
+    if m.generator == "unpool_vaegan":
+        return _spade_kwargs(config)
+    raise ValueError(f"unknown model.generator {m.generator!r}; available: {GENERATORS}")
+
+
 def build_generator(config, *, rngs: nnx.Rngs) -> nnx.Module:
-    return Generator(**generator_kwargs(config), dtype=compute_dtype(config), rngs=rngs)
+    from clade_jax.models.pix2pixhd import Pix2PixHDGenerator
+    from clade_jax.models.unpool_vaegan import UnpoolVAEGANGenerator
+
+    cls = {
+        "spade": Generator,
+        "pix2pixhd": Pix2PixHDGenerator,
+        "unpool_vaegan": UnpoolVAEGANGenerator,
+    }.get(config.model.generator)
+    kwargs = generator_kwargs(config)
+    return cls(**kwargs, dtype=compute_dtype(config), rngs=rngs)
 
 
 def build_discriminator(config, *, rngs: nnx.Rngs) -> MultiscaleDiscriminator:

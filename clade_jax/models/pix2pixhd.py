@@ -246,6 +246,7 @@ class Pix2PixHDGenerator(nnx.Module):
         The official 'batch' variant has affine BatchNorm parameters, which these norms lack.
       crop_size: nominal output width (only for `output_size`).
       aspect_ratio: width / height (only for `output_size`).
+      z_dim: unused (no latent code); stored for the generators' uniform interface.
       dtype: compute dtype (parameters and normalization statistics stay float32).
 
     Call: `G(labels, *, z=None, instance=None, icpe=None, key=None) -> (N, H, W, 3)` in [-1, 1];

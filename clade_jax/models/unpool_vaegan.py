@@ -227,6 +227,7 @@ class UnpoolVAEGANGenerator(nnx.Module):
       encoder_convs: convolutions per encoder stage, from full resolution down; default VGG19's
         (2, 2, 4, 4, 4), continued with 4s for 'more' / 'most'.
       encoder_norm: param-free norm of the encoder ("instance", the official norm_E).
+      z_dim: unused (no latent code); stored for the generators' uniform interface.
       dtype: compute dtype (parameters and normalization statistics stay float32).
       norm_kwargs: extra arguments of the param-free norms (e.g. switchable_batch), used by the
         residual blocks and, when it is the same kind, the encoder.
