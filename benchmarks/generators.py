@@ -230,8 +230,9 @@ def backend_compare(args: argparse.Namespace) -> str:
         f"({datetime.datetime.now().isoformat(timespec='minutes')})",
         "",
         f"jax {first['jax']}, {first['device']}; {args.runs} alternating subprocess runs per "
-        f"back-end (Eigen, YNNPACK, Eigen, ...), {args.infer_rounds} inference and {args.rounds} "
-        "training rounds each; medians over runs of "
+        f"back-end (Eigen, YNNPACK, Eigen, ...), {args.infer_rounds} inference"
+        + ("" if args.no_train else f" and {args.rounds} training")
+        + " rounds each; medians over runs of "
         f"each run's median. Eigen: XLA_FLAGS=`{envs['Eigen']['XLA_FLAGS']}`; YNNPACK: "
         f"XLA_FLAGS=`{envs['YNNPACK']['XLA_FLAGS']}`, CLADE_JAX_KEEP_XLA_FLAGS=1. 1-minute load "
         f"average {min(one_min):.2f} to {max(one_min):.2f} during the runs.",
@@ -269,14 +270,15 @@ medians; the machine may be shared, so absolute milliseconds are noisy: compare 
 the load average recorded with each entry. "wall" is wall-clock time per call, "CPU time" the
 process's CPU time per call (all threads): under load from other jobs the latter is much steadier.
 
-* `benchmarks/generators.py` (`python benchmarks/generators.py [--rounds N] [--no_train]`): jit
-  inference (eval mode) and one training forward+backward (train mode, grad of the mean output
-  w.r.t. the Params) of the full-size ADE20k generators, batch 1, 256x256: CLADE, SPADE and the
-  convolution-only floor (`norm=none`: every normalization layer removed). Ratios CLADE/SPADE and
-  CLADE/floor.
-* `python benchmarks/generators.py --backend_compare [--runs N]`: the same in subprocesses that
-  alternate XLA:CPU's Eigen convolutions (the package default) and YNNPACK (jaxlib's default);
-  ratios Eigen/YNNPACK.
+* `python benchmarks/generators.py [--infer_rounds N] [--rounds N] [--no_train]` (~7 minutes on
+  a loaded 2-core machine): jit inference (eval mode) and one training forward+backward (train
+  mode, grad of the mean output w.r.t. the Params) of the full-size ADE20k generators, batch 1,
+  256x256: CLADE, SPADE and the convolution-only floor (`norm=none`: every normalization layer
+  removed). Ratios CLADE/SPADE and CLADE/floor.
+* `python benchmarks/generators.py --backend_compare [--runs N] [--models CLADE,floor]
+  [--no_train]`: the same in subprocesses that alternate XLA:CPU's Eigen convolutions (what
+  `import clade_jax` selects) and YNNPACK (jaxlib's default); ratios Eigen/YNNPACK. About 12
+  minutes with all three models and training; `--no_train` or `--models` shorten it.
 """
 
 
