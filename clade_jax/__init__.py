@@ -2,10 +2,12 @@
 
 Importing the package selects XLA:CPU's Eigen convolutions instead of YNNPACK (jaxlib 0.10's
 default) unless XLA_FLAGS already names `--xla_cpu_experimental_ynn_fusion_type` or
-CLADE_JAX_KEEP_XLA_FLAGS=1 is set. On this project's CPU the Eigen path measured faster for the
-generators' inference and much faster for weight gradients (benchmarks/generators.py,
-benchmarks/RESULTS.md). The flag affects only the CPU backend and only takes effect when the
-package is imported before JAX initialises its backends.
+CLADE_JAX_KEEP_XLA_FLAGS=1 is set. Measured on this project's 2-core CPU with
+`benchmarks/generators.py --backend_compare` (benchmarks/RESULTS.md, CPU time, Eigen / YNNPACK):
+CLADE inference 0.88-0.94, convolution-only inference 0.80-0.94, SPADE inference 1.06, CLADE
+training 0.96-1.14, SPADE training 0.85 — Eigen is the better default for most of the work here,
+though by far less than the 1.4x first reported. The flag affects only the CPU backend and only
+takes effect when the package is imported before JAX initialises its backends.
 """
 
 import os

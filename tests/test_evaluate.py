@@ -59,8 +59,8 @@ def constant_segmenter(calls: list) -> segmentation.CallableSegmenter:
     return segmentation.CallableSegmenter(fn, 10, input_format="uint8")
 
 
-if "test_constant" not in segmentation.available_segmenters():
-    segmentation.register_segmenter("test_constant")(lambda: constant_segmenter([]))
+if "eval_test_constant" not in segmentation.available_segmenters():
+    segmentation.register_segmenter("eval_test_constant")(lambda: constant_segmenter([]))
 
 
 def colour_features(images: np.ndarray) -> np.ndarray:
@@ -153,8 +153,8 @@ def test_segmentation_scores_over_the_whole_split_each_example_once(run, tmp_pat
 
 
 def test_segmenter_by_registry_name(run):
-    result = evaluate(run, segmenter="test_constant", compute_fid=False, max_images=4)
-    assert result["segmenter"] == "test_constant" and 0 < result["pixel_accuracy"] < 1
+    result = evaluate(run, segmenter="eval_test_constant", compute_fid=False, max_images=4)
+    assert result["segmenter"] == "eval_test_constant" and 0 < result["pixel_accuracy"] < 1
 
 
 def test_vae_model_in_converted_layout_uses_the_posterior_of_the_real_image(tmp_path):

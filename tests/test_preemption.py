@@ -48,8 +48,12 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     assert len(steps) == 1 and 3 <= steps[0] < 100000, steps
     assert "SIGTERM" in log
     # A restart resumes at that step.
+    restart = [
+        f"--config.num_train_steps={steps[0] + 1}" if a.startswith("--config.num_train") else a
+        for a in cmd
+    ]
     out = subprocess.run(
-        cmd[:3] + [f"--config.num_train_steps={steps[0] + 1}"] + cmd[4:],
+        restart,
         cwd=REPO,
         env=env,
         capture_output=True,
