@@ -171,3 +171,15 @@ def test_vgg_loss_without_weights_is_a_clear_error(tmp_path):
     config.loss.lambda_vgg = 10.0
     with pytest.raises(ValueError, match="vgg_weights.*torchvision"):
         train_and_evaluate(config, str(tmp_path))
+
+
+def test_ema_update_averages_parameters_and_copies_buffers():
+    from clade_jax.layers import Conv2d
+    from clade_jax.training.state import update_ema
+
+    model = Conv2d(2, 3, 3, spectral_norm=True, rngs=nnx.Rngs(0))
+    ema = Conv2d(2, 3, 3, spectral_norm=True, rngs=nnx.Rngs(1))
+    k_model, k_ema = np.asarray(model.kernel[...]), np.asarray(ema.kernel[...])
+    update_ema(ema, model, 0.9)
+    np.testing.assert_allclose(np.asarray(ema.kernel[...]), 0.9 * k_ema + 0.1 * k_model, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ema.u[...]), np.asarray(model.u[...]))

@@ -168,6 +168,29 @@ class ResnetBlock(nnx.Module):
         return x_s + dx
 
 
+def add_resnet_blocks(
+    module: nnx.Module, nf: int, num_classes: int, num_upsampling_layers: str, **block_kwargs
+) -> int:
+    """Set the official residual blocks on `module`: head_0, G_middle_0, G_middle_1 (16nf),
+    up_0..up_3 (16nf -> nf) and, for 'most', up_4 (nf -> nf/2). Returns the final width.
+
+    `block_kwargs` are `ResnetBlock`'s keyword arguments (norm, pfn, instance, icpe,
+    spectral_norm, dtype, norm_kwargs, rngs).
+    """
+    block = lambda fin, fout: ResnetBlock(fin, fout, num_classes, **block_kwargs)
+    module.head_0 = block(16 * nf, 16 * nf)
+    module.G_middle_0 = block(16 * nf, 16 * nf)
+    module.G_middle_1 = block(16 * nf, 16 * nf)
+    module.up_0 = block(16 * nf, 8 * nf)
+    module.up_1 = block(8 * nf, 4 * nf)
+    module.up_2 = block(4 * nf, 2 * nf)
+    module.up_3 = block(2 * nf, 1 * nf)
+    if num_upsampling_layers == "most":
+        module.up_4 = block(nf, nf // 2)
+        return nf // 2
+    return nf
+
+
 class Generator(nnx.Module):
     """SPADE / CLADE generator.
 
@@ -235,10 +258,11 @@ class Generator(nnx.Module):
             self.fc = Linear(z_dim, 16 * nf * self.sw * self.sh, dtype=dtype, rngs=rngs)
         else:
             self.fc = Conv2d(semantic_nc, 16 * nf, 3, padding=1, dtype=dtype, rngs=rngs)
-        block = lambda fin, fout: ResnetBlock(
-            fin,
-            fout,
+        final_nc = add_resnet_blocks(
+            self,
+            nf,
             num_classes,
+            num_upsampling_layers,
             norm=norm,
             pfn=param_free_norm,
             instance=use_instance,
@@ -248,17 +272,6 @@ class Generator(nnx.Module):
             norm_kwargs=norm_kwargs,
             rngs=rngs,
         )
-        self.head_0 = block(16 * nf, 16 * nf)
-        self.G_middle_0 = block(16 * nf, 16 * nf)
-        self.G_middle_1 = block(16 * nf, 16 * nf)
-        self.up_0 = block(16 * nf, 8 * nf)
-        self.up_1 = block(8 * nf, 4 * nf)
-        self.up_2 = block(4 * nf, 2 * nf)
-        self.up_3 = block(2 * nf, 1 * nf)
-        final_nc = nf
-        if num_upsampling_layers == "most":
-            self.up_4 = block(nf, nf // 2)
-            final_nc = nf // 2
         self.conv_img = Conv2d(final_nc, 3, 3, padding=1, dtype=dtype, rngs=rngs)
 
     @property

@@ -75,7 +75,7 @@ from flax import nnx
 from clade_jax.layers.conv import Conv2d
 from clade_jax.layers.labels import instance_edges
 from clade_jax.layers.spade import nan_where_invalid, semantic_input
-from clade_jax.models.generator import NUM_UP, Cond, ResnetBlock, upsample2x
+from clade_jax.models.generator import NUM_UP, Cond, add_resnet_blocks, upsample2x
 from clade_jax.models.pix2pixhd import NormConv
 
 VGG19_CONVS = (2, 2, 4, 4, 4)  # convolutions per stage of VGG19 (conv1_x .. conv5_x)
@@ -305,10 +305,11 @@ class UnpoolVAEGANGenerator(nnx.Module):
             norm_kwargs=enc_kwargs,
             rngs=rngs,
         )
-        block = lambda fin, fout: ResnetBlock(
-            fin,
-            fout,
+        final_nc = add_resnet_blocks(
+            self,
+            nf,
             num_classes,
+            num_upsampling_layers,
             norm=norm,
             pfn=param_free_norm,
             instance=use_instance,
@@ -318,17 +319,6 @@ class UnpoolVAEGANGenerator(nnx.Module):
             norm_kwargs=norm_kwargs,
             rngs=rngs,
         )
-        self.head_0 = block(16 * nf, 16 * nf)
-        self.G_middle_0 = block(16 * nf, 16 * nf)
-        self.G_middle_1 = block(16 * nf, 16 * nf)
-        self.up_0 = block(16 * nf, 8 * nf)
-        self.up_1 = block(8 * nf, 4 * nf)
-        self.up_2 = block(4 * nf, 2 * nf)
-        self.up_3 = block(2 * nf, 1 * nf)
-        final_nc = nf
-        if num_upsampling_layers == "most":
-            self.up_4 = block(nf, nf // 2)
-            final_nc = nf // 2
         self.conv_img = Conv2d(final_nc, 3, 3, padding=1, dtype=dtype, rngs=rngs)
 
     @property
