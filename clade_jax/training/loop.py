@@ -197,14 +197,34 @@ def train_and_evaluate(
                 _write_samples(
                     sample_fn, state, batch, local, train_key, done, config, mesh, writer, workdir
                 )
-            if done % config.checkpoint_every_steps == 0 or last:
+            evaluate_now = config.eval_every_steps > 0 and (
+                done % config.eval_every_steps == 0 or last
+            )
+            if done % config.checkpoint_every_steps == 0 or last or evaluate_now:
                 checkpoint.save(manager, done, state, iterator, force=True)
+            if evaluate_now:
+                _evaluate_during_training(manager, workdir, done, config)
             if stop.requested or done == stop_after:
                 break
     manager.wait_until_finished()
     manager.close()
     writer.flush()
     return graphdef, state
+
+
+def _evaluate_during_training(manager, workdir: str, step: int, config) -> None:
+    """`evaluate.py` on the checkpoint just written (FID, and mIoU with eval.segmenter_workdir);
+    results go to workdir/eval/<step>.json and TensorBoard. Single-process runs only."""
+    if jax.process_count() > 1:
+        logging.warning("eval_every_steps: evaluation runs single-process; use evaluate.py")
+        return
+    from clade_jax.evaluation.evaluate import evaluate
+
+    manager.wait_until_finished()
+    result = evaluate(workdir, step=step, segmenter_workdir=config.eval.segmenter_workdir or None)
+    logging.info(
+        "step %d evaluation: %s", step, {k: v for k, v in result.items() if isinstance(v, float)}
+    )
 
 
 def _write_samples(sample_fn, state, batch, local, key, step, config, mesh, writer, workdir):
