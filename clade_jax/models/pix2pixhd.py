@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clade_jax.layers.conv import Conv2d, SpectralVector, _l2_normalize, xavier_normal
+from clade_jax.layers.conv import Conv2d
 from clade_jax.layers.labels import instance_edges
 from clade_jax.layers.normalization import ParamFreeNorm
 from clade_jax.layers.spade import nan_where_invalid, semantic_input
@@ -51,7 +51,7 @@ def reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
     return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
 
 
-class ConvTranspose2d(nnx.Module):
+class ConvTranspose2d(Conv2d):
     """PyTorch's `nn.ConvTranspose2d(in, out, k, stride, padding, output_padding)`, NHWC.
 
     Output size per axis: `(H - 1) * stride - 2 * padding + k + output_padding` (2H for the
@@ -90,43 +90,24 @@ class ConvTranspose2d(nnx.Module):
     ):
         if not 0 <= output_padding < stride:
             raise ValueError(f"output_padding must be in [0, stride), got {output_padding}")
-        k = kernel_size
+        # Same parameters, init and spectral norm as Conv2d: with the (kh, kw, in, out) layout
+        # above, Conv2d's torch matrix (out, in * kh * kw) is exactly torch's dim=1 matrix here.
+        super().__init__(
+            in_features,
+            out_features,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            use_bias=use_bias,
+            spectral_norm=spectral_norm,
+            dtype=dtype,
+            use_running_average=use_running_average,
+            rngs=rngs,
+        )
         self.in_features = in_features
         self.out_features = out_features
-        self.kernel_size = k
-        self.stride = stride
-        self.padding = padding
+        self.kernel_size = kernel_size
         self.output_padding = output_padding
-        self.dtype = dtype
-        self.spectral_norm = spectral_norm
-        self.use_running_average = use_running_average
-        self.kernel = nnx.Param(xavier_normal()(rngs.params(), (k, k, in_features, out_features)))
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
-        if spectral_norm:
-            u = jax.random.normal(rngs.params(), (out_features,))
-            v = jax.random.normal(rngs.params(), (in_features * k * k,))
-            self.u = SpectralVector(_l2_normalize(u))
-            self.v = SpectralVector(_l2_normalize(v))
-
-    def weight_matrix(self) -> jnp.ndarray:
-        """torch's spectral-norm matrix for ConvTranspose (dim=1): (out, in * kh * kw)."""
-        w = self.kernel[...]  # (kh, kw, in, out)
-        return jnp.transpose(w, (3, 2, 0, 1)).reshape(w.shape[3], -1)
-
-    def weight(self) -> jnp.ndarray:
-        """The effective kernel (spectral-normalized if enabled), float32 (kh, kw, in, out)."""
-        w = self.kernel[...]
-        if not self.spectral_norm:
-            return w
-        w_mat = self.weight_matrix()
-        u, v = self.u[...], self.v[...]
-        if not self.use_running_average:
-            w_sg = jax.lax.stop_gradient(w_mat)
-            v = _l2_normalize(w_sg.T @ u)
-            u = _l2_normalize(w_sg @ v)
-            self.u[...], self.v[...] = u, v
-        sigma = jnp.dot(u, w_mat @ v)
-        return w / sigma
 
     def macs(self, out_height: int, out_width: int) -> tuple[int, int]:
         """Multiply-accumulates of one image whose output is (out_height, out_width).
