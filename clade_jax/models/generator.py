@@ -168,6 +168,51 @@ class ResnetBlock(nnx.Module):
         return x_s + dx
 
 
+def set_spade_geometry(
+    module: nnx.Module,
+    num_classes: int,
+    ngf: int,
+    num_upsampling_layers: str,
+    crop_size: int,
+    aspect_ratio: float,
+    *,
+    norm: str,
+    use_instance: bool,
+    icpe: bool,
+    dtype,
+) -> None:
+    """Validate and set what the SPADE-style generators share: the latent grid (sh, sw) =
+    (round(sw / aspect_ratio), crop_size / 2**num_up) and the conditioning options."""
+    if num_upsampling_layers not in NUM_UP:
+        raise ValueError(
+            f"num_upsampling_layers must be one of {list(NUM_UP)}, got {num_upsampling_layers!r}"
+        )
+    if icpe and norm != "clade":
+        raise ValueError("icpe=True requires norm='clade'")
+    module.num_classes = num_classes
+    module.ngf = ngf
+    module.use_instance = use_instance
+    module.use_icpe = icpe
+    module.num_upsampling_layers = num_upsampling_layers
+    module.num_up = NUM_UP[num_upsampling_layers]
+    module.sw = crop_size // 2**module.num_up
+    module.sh = round(module.sw / aspect_ratio)
+    module.dtype = dtype
+
+
+def label_pyramid_of(module: nnx.Module, labels, instance, icpe) -> dict:
+    """The label pyramid, computed once per forward pass: {(h, w): Cond} for every resolution
+    (sh, sw) * 2**k, k = 0..num_up, of a module set up by `set_spade_geometry`."""
+    if module.use_instance and instance is None:
+        raise ValueError("this generator was built with use_instance=True: pass instance=")
+    if module.use_icpe and icpe is None:
+        raise ValueError("this generator was built with icpe=True: pass icpe=(N,H,W,2)")
+    edges = instance_edges(instance) if module.use_instance else None
+    full = Cond(labels, edges, icpe if module.use_icpe else None)
+    sizes = [(module.sh * 2**k, module.sw * 2**k) for k in range(module.num_up + 1)]
+    return {s: full.at(s) for s in sizes}
+
+
 def add_resnet_blocks(
     module: nnx.Module, nf: int, num_classes: int, num_upsampling_layers: str, **block_kwargs
 ) -> int:
@@ -234,25 +279,21 @@ class Generator(nnx.Module):
         norm_kwargs: dict | None = None,
         rngs: nnx.Rngs,
     ):
-        if num_upsampling_layers not in NUM_UP:
-            raise ValueError(
-                f"num_upsampling_layers must be one of {list(NUM_UP)}, "
-                f"got {num_upsampling_layers!r}"
-            )
-        if icpe and norm != "clade":
-            raise ValueError("icpe=True requires norm='clade'")
+        set_spade_geometry(
+            self,
+            num_classes,
+            ngf,
+            num_upsampling_layers,
+            crop_size,
+            aspect_ratio,
+            norm=norm,
+            use_instance=use_instance,
+            icpe=icpe,
+            dtype=dtype,
+        )
         nf = ngf
-        self.num_classes = num_classes
-        self.ngf = ngf
         self.use_vae = use_vae
         self.z_dim = z_dim
-        self.use_instance = use_instance
-        self.use_icpe = icpe
-        self.num_upsampling_layers = num_upsampling_layers
-        self.num_up = NUM_UP[num_upsampling_layers]
-        self.sw = crop_size // 2**self.num_up
-        self.sh = round(self.sw / aspect_ratio)
-        self.dtype = dtype
         semantic_nc = num_classes + (1 if use_instance else 0)
         if use_vae:
             self.fc = Linear(z_dim, 16 * nf * self.sw * self.sh, dtype=dtype, rngs=rngs)
@@ -289,17 +330,7 @@ class Generator(nnx.Module):
         key: jax.Array | None = None,
     ) -> jnp.ndarray:
         """labels (N, H, W) int, z (N, z_dim), instance (N, H, W) int, icpe (N, H, W, 2)."""
-        if self.use_instance and instance is None:
-            raise ValueError("this generator was built with use_instance=True: pass instance=")
-        if self.use_icpe and icpe is None:
-            raise ValueError("this generator was built with icpe=True: pass icpe=(N,H,W,2)")
-        edges = instance_edges(instance) if self.use_instance else None
-        full = Cond(labels, edges, icpe if self.use_icpe else None)
-        # The label pyramid, computed once: one Cond per resolution of the network.
-        pyramid = {
-            s: full.at(s)
-            for s in [(self.sh * 2**k, self.sw * 2**k) for k in range(self.num_up + 1)]
-        }
+        pyramid = label_pyramid_of(self, labels, instance, icpe)
         c = lambda k: pyramid[(self.sh * 2**k, self.sw * 2**k)]
         n = labels.shape[0]
         if self.use_vae:

@@ -73,9 +73,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clade_jax.layers.conv import Conv2d
-from clade_jax.layers.labels import instance_edges
 from clade_jax.layers.spade import nan_where_invalid, semantic_input
-from clade_jax.models.generator import NUM_UP, Cond, add_resnet_blocks, upsample2x
+from clade_jax.models.generator import (
+    add_resnet_blocks,
+    label_pyramid_of,
+    set_spade_geometry,
+    upsample2x,
+)
 from clade_jax.models.pix2pixhd import NormConv
 
 VGG19_CONVS = (2, 2, 4, 4, 4)  # convolutions per stage of VGG19 (conv1_x .. conv5_x)
@@ -260,24 +264,20 @@ class UnpoolVAEGANGenerator(nnx.Module):
         norm_kwargs: dict | None = None,
         rngs: nnx.Rngs,
     ):
-        if num_upsampling_layers not in NUM_UP:
-            raise ValueError(
-                f"num_upsampling_layers must be one of {list(NUM_UP)}, "
-                f"got {num_upsampling_layers!r}"
-            )
-        if icpe and norm != "clade":
-            raise ValueError("icpe=True requires norm='clade'")
+        set_spade_geometry(
+            self,
+            num_classes,
+            ngf,
+            num_upsampling_layers,
+            crop_size,
+            aspect_ratio,
+            norm=norm,
+            use_instance=use_instance,
+            icpe=icpe,
+            dtype=dtype,
+        )
         nf = ngf
-        self.num_classes = num_classes
-        self.ngf = ngf
         self.z_dim = z_dim
-        self.use_instance = use_instance
-        self.use_icpe = icpe
-        self.num_upsampling_layers = num_upsampling_layers
-        self.num_up = NUM_UP[num_upsampling_layers]
-        self.sw = crop_size // 2**self.num_up
-        self.sh = round(self.sw / aspect_ratio)
-        self.dtype = dtype
         self.num_unpool = self.num_up - 1 if num_unpool is None else num_unpool
         if not 0 <= self.num_unpool <= self.num_up:
             raise ValueError(f"num_unpool must be in [0, {self.num_up}], got {num_unpool}")
@@ -337,14 +337,8 @@ class UnpoolVAEGANGenerator(nnx.Module):
     ) -> jnp.ndarray:
         """labels (N, H, W) int, instance (N, H, W) int, icpe (N, H, W, 2) -> (N, H, W, 3)."""
         del z, key  # no latent code (see the module docstring)
-        if self.use_instance and instance is None:
-            raise ValueError("this generator was built with use_instance=True: pass instance=")
-        if self.use_icpe and icpe is None:
-            raise ValueError("this generator was built with icpe=True: pass icpe=(N,H,W,2)")
-        edges = instance_edges(instance) if self.use_instance else None
-        full = Cond(labels, edges, icpe if self.use_icpe else None)
         sizes = [(self.sh * 2**k, self.sw * 2**k) for k in range(self.num_up + 1)]
-        pyramid = {s: full.at(s) for s in sizes}  # the label pyramid, computed once
+        pyramid = label_pyramid_of(self, labels, instance, icpe)
         top = pyramid[sizes[-1]]
         seg = semantic_input(top.labels, self.num_classes, top.edges, self.dtype)
         seg = nan_where_invalid(seg, top.labels, self.num_classes)  # (N, H, W, semantic_nc)
