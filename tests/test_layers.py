@@ -14,7 +14,9 @@ from clade_jax.layers import (
     CLADE,
     SPADE,
     ParamFreeNorm,
+    SpectralVector,
     check_labels,
+    fold_spectral_norm,
     icpe_offsets,
     instance_edges,
     label_pyramid,
@@ -22,6 +24,7 @@ from clade_jax.layers import (
     resize_nearest_np,
 )
 from clade_jax.models import Generator
+from clade_jax.models.pix2pixhd import Pix2PixHDGenerator
 
 
 def _random_inputs(n=2, h=8, w=6, c=5, k=4, seed=0):
@@ -311,3 +314,32 @@ def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
     f32 = Generator(4, norm="clade", ngf=2, crop_size=64, rngs=nnx.Rngs(0))
     ref = nnx.jit(lambda m, x: m(x))(f32, labels)
     assert float(jnp.mean(jnp.abs(out - ref))) < 0.05 * float(jnp.mean(jnp.abs(ref))) + 1e-3
+
+
+@pytest.mark.parametrize("kind", ["clade", "pix2pixhd"])
+def test_fold_spectral_norm_keeps_the_eval_outputs(kind):
+    """Folding W / sigma into the kernels (inference) gives the eval forward's outputs, drops u, v
+    from the folded copy only, and refuses a training-mode module."""
+    if kind == "clade":
+        g = Generator(4, norm="clade", ngf=2, crop_size=64, rngs=nnx.Rngs(0))
+    else:  # transposed convolutions too
+        g = Pix2PixHDGenerator(4, ngf=2, n_downsample=2, n_blocks=1, rngs=nnx.Rngs(0))
+    labels = jax.random.randint(jax.random.key(1), (2, 64, 64), 0, 4)
+    forward = nnx.jit(lambda m, x: m(x))
+    for _ in range(3):  # power iterations move u, v away from their initial values
+        forward(g, labels)
+    with pytest.raises(ValueError, match="evaluation-mode"):
+        fold_spectral_norm(g)
+    g.eval()
+    n_vectors = len(jax.tree.leaves(nnx.state(g, SpectralVector)))
+    assert n_vectors > 0
+    ref = np.asarray(forward(g, labels))
+    folded = fold_spectral_norm(g)
+    assert not jax.tree.leaves(nnx.state(folded, SpectralVector))
+    assert len(jax.tree.leaves(nnx.state(g, SpectralVector))) == n_vectors  # original untouched
+    out = np.asarray(forward(folded, labels))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    # The original keeps its un-normalized kernels (weight_orig); the copy holds W / sigma.
+    before, after = nnx.state(g, nnx.Param), nnx.state(folded, nnx.Param)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+    assert any(jax.tree.leaves(changed))

@@ -19,6 +19,9 @@ from clade_jax.training.state import GANState, lr_factor
 from clade_jax.training.step import generator_losses, make_train_step
 from configs import synthetic
 
+# One xdist worker runs the whole module: its tests share a module-scoped training run.
+pytestmark = pytest.mark.xdist_group("test_training")
+
 
 def tiny(arg: str = "") -> object:
     return synthetic.get_config("tiny" + ("," + arg if arg else ""))
@@ -110,6 +113,10 @@ def _sharded_step_outputs(config, devices, batch):
 
 
 def test_one_device_and_eight_devices_agree():
+    _one_vs_eight_devices(tiny())
+
+
+def _one_vs_eight_devices(config) -> None:
     """The same step on 8 devices and on 1 device (data parallel, global BatchNorm statistics).
 
     Losses and the BatchNorm / spectral-norm buffers of the step's forward agree to 1e-5. After
@@ -120,7 +127,6 @@ def test_one_device_and_eight_devices_agree():
     (identified from the gradients themselves).
     """
     assert jax.device_count() >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
-    config = tiny()
     batch = next(
         make_train_iterator(config.data, global_batch_size=8, process_index=0, process_count=1)
     )

@@ -48,8 +48,9 @@ N_c = the one-hot classes; the CLADE gather costs one op per output element; and
 norm's FLOPs are its own convs' MACs in the official convention).
 
 Runtime (`measure_runtime`) is the median wall time of the jit-compiled inference forward
-(`model.eval()`, `block_until_ready`) after a warm-up, per image. The paper's runtimes were
-measured on a GPU; runtimes on another device are not comparable to them, only to each other.
+(`model.eval()`, spectral norm folded as in `clade_jax.synthesize`, `block_until_ready`) after a
+warm-up, per image. The paper's runtimes were measured on a GPU; runtimes on another device are
+not comparable to them, only to each other.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from flax import nnx
 from jax.extend import core as jax_core
 
 from clade_jax.layers.clade import CLADE
-from clade_jax.layers.conv import Conv2d, Linear
+from clade_jax.layers.conv import Conv2d, Linear, fold_spectral_norm
 from clade_jax.layers.spade import SPADE
 from clade_jax.models.build import build_generator, count_params
 from clade_jax.models.pix2pixhd import ConvTranspose2d
@@ -470,6 +471,7 @@ def measure_runtime(
     """
     model = random_generator(config, seed)
     model.eval()
+    model = fold_spectral_norm(model)  # as inference does (clade_jax.synthesize)
     rng = np.random.default_rng(seed)
     inputs = {}
     for name, spec in generator_inputs(model, batch).items():

@@ -6,7 +6,13 @@ y = norm(x, labels)  # x (N, H, W, C), labels (N, h, w) int32
 """
 
 from clade_jax.layers.clade import CLADE, ClassAffine, gather_classes
-from clade_jax.layers.conv import Conv2d, Linear, SpectralVector, xavier_normal
+from clade_jax.layers.conv import (
+    Conv2d,
+    Linear,
+    SpectralVector,
+    fold_spectral_norm,
+    xavier_normal,
+)
 from clade_jax.layers.labels import (
     check_labels,
     icpe_offsets,
@@ -28,6 +34,7 @@ __all__ = [
     "ParamFreeNorm",
     "SpectralVector",
     "check_labels",
+    "fold_spectral_norm",
     "gather_classes",
     "icpe_offsets",
     "instance_edges",

@@ -97,8 +97,9 @@ class ParamFreeNorm(nnx.Module):
 
     def _update_running(self, batch_mean: jnp.ndarray, batch_var: jnp.ndarray) -> None:
         m = self.momentum
-        self.running_mean[...] = (1 - m) * self.running_mean[...] + m * batch_mean
-        self.running_var[...] = (1 - m) * self.running_var[...] + m * batch_var
+        # set_value: see `Conv2d.weight` (indexed writes are slow to trace).
+        self.running_mean.set_value((1 - m) * self.running_mean[...] + m * batch_mean)
+        self.running_var.set_value((1 - m) * self.running_var[...] + m * batch_var)
 
     def _batch_stats(self, x: jnp.ndarray):
         if self.use_running_average:

@@ -73,7 +73,14 @@ def generator_kwargs(config) -> dict:
             aspect_ratio=d.aspect_ratio,
         )
     if m.generator == "unpool_vaegan":
-        return _spade_kwargs(config)
+        # .get: workdirs written before these knobs existed load with the defaults.
+        num_unpool = m.get("unpool_num", -1)
+        return dict(
+            **_spade_kwargs(config),
+            num_unpool=None if num_unpool < 0 else num_unpool,
+            encoder_convs=tuple(m.get("unpool_encoder_convs", ())) or None,
+            encoder_norm=m.get("unpool_encoder_norm", "instance"),
+        )
     raise ValueError(f"unknown model.generator {m.generator!r}; available: {GENERATORS}")
 
 
