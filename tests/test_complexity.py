@@ -49,6 +49,31 @@ def test_section_3_3_paper_definition_reproduces_the_paper(ade20k_rows):
     assert ade20k_rows["CLADE"]["overhead"]["measured"][1] < 0.2
 
 
+def test_seed_003_rows_follow_from_spade(ade20k_rows):
+    """Switchable norm adds 3 mean + 3 variance mixture weights to each of SPADE's 18 norms; the
+    unpool generator swaps SPADE's `fc` (3x3 conv, 151 -> 1024 at 8x8) for the VGG19-layout label
+    encoder (3x3 convs on reflection-padded maps, no bias: stages of 2, 2, 4, 4, 4 convs at 256,
+    128, 64, 32, 16 pixels to 128, 256, 512, 1024, 1024 channels)."""
+    spade, sn = ade20k_rows["SPADE"], ade20k_rows["SPADE-SwitchNorm"]
+    assert sn["params"] - spade["params"] == 18 * 6
+    assert sn["macs_g"] == spade["macs_g"]
+    fc_params, fc_macs = 9 * 151 * 1024 + 1024, 8 * 8 * 9 * 151 * 1024
+    enc_params = enc_macs = 0
+    c_in = 151
+    stages = zip((256, 128, 64, 32, 16), (128, 256, 512, 1024, 1024), (2, 2, 4, 4, 4), strict=True)
+    for size, width, n in stages:
+        for _ in range(n):
+            enc_params += 9 * c_in * width
+            enc_macs += size * size * 9 * c_in * width
+            c_in = width
+    unpool = ade20k_rows["Unpool VAE-GAN"]
+    assert unpool["params"] == sn["params"] - fc_params + enc_params
+    assert unpool["macs_g"] * 1e9 == pytest.approx(spade["macs_g"] * 1e9 - fc_macs + enc_macs)
+    clade, clade_unpool = ade20k_rows["CLADE"], ade20k_rows["CLADE-Unpool"]
+    assert clade_unpool["params"] == clade["params"] - fc_params + enc_params
+    assert clade_unpool["macs_g"] * 1e9 == pytest.approx(clade["macs_g"] * 1e9 - fc_macs + enc_macs)
+
+
 def test_xla_convention_on_one_conv():
     """XLA: 2 flops per MAC, and the taps on the zero padding are not counted."""
 
@@ -115,6 +140,9 @@ def test_cli_smoke_with_runtime(capsys):
         "CLADE-ICPE",
         "no norm",
         "Pix2pixHD",
+        "SPADE-SwitchNorm",
+        "Unpool VAE-GAN",
+        "CLADE-Unpool",
         "CLADE (no inst.)",
     ]
     assert all(r["runtime_s"] is None for r in rows)

@@ -29,11 +29,11 @@ from configs import synthetic as synthetic_config
 
 CONSTANT_CLASS = 0  # the fake segmenter's prediction everywhere
 
-# One xdist worker runs the whole module: its tests share a module-scoped training run.
+# One xdist worker runs the whole module: its tests share one (session-scoped) training run.
 pytestmark = pytest.mark.xdist_group("test_evaluate")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave other modules
 def run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("tiny"))
     train_and_evaluate(synthetic_config.get_config("tiny"), workdir)

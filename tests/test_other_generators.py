@@ -39,7 +39,7 @@ def _train(name: str, workdir: str):
     return train_and_evaluate(_config(name), workdir, mesh=make_mesh(jax.devices()[:1]))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave other modules
 def straight_runs(tmp_path_factory):
     """name -> (workdir, final state) of a 4-step run, trained on first use."""
     runs = {}

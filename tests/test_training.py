@@ -19,7 +19,7 @@ from clade_jax.training.state import GANState, lr_factor
 from clade_jax.training.step import generator_losses, make_train_step
 from configs import synthetic
 
-# One xdist worker runs the whole module: its tests share a module-scoped training run.
+# One xdist worker runs the whole module: its tests share one (session-scoped) training run.
 pytestmark = pytest.mark.xdist_group("test_training")
 
 
@@ -31,7 +31,7 @@ def _leaves(state) -> dict:
     return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may interleave other modules
 def straight_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("straight"))
     config = tiny()

@@ -200,3 +200,23 @@ def test_clade_with_switchable_norm_instance_and_icpe_train_and_eval():
     assert np.all(np.isfinite(y_eval)) and not np.allclose(y_eval, y_train)
     with pytest.raises(ValueError, match="icpe"):
         model(labels, instance=instance)
+
+
+def test_config_knobs_reach_the_generator():
+    """`model.unpool_*` in the config select the unpooling depth and the encoder's layout."""
+    from clade_jax.models.build import build_generator
+    from configs import ade20k
+
+    c = ade20k.get_config("generator=unpool_vaegan")
+    c.model.unpool_num = 2
+    c.model.unpool_encoder_convs = (1, 1, 1, 2, 1)
+    c.model.unpool_encoder_norm = "none"
+    g = nnx.eval_shape(lambda: build_generator(c, rngs=nnx.Rngs(0)))
+    assert g.num_unpool == 2
+    names = {str(p[0]) for p, _ in nnx.to_flat_state(nnx.state(g.encoder))}
+    assert names == {"conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv4_2", "conv5_1"}
+    assert g.encoder.conv1_1.conv.bias is not None  # no norm: the convs keep their biases
+    default = nnx.eval_shape(
+        lambda: build_generator(ade20k.get_config("generator=unpool_vaegan"), rngs=nnx.Rngs(0))
+    )
+    assert default.num_unpool == 4 and default.encoder.convs == (2, 2, 4, 4, 4)
