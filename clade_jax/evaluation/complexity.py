@@ -608,7 +608,8 @@ def complexity_table(
 
 
 def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """`value` formatted, or "-" for a missing one (None; NaN: no norm layers to relate)."""
+    return "-" if value is None or value != value else format(value, spec)
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -655,11 +656,11 @@ def format_table(rows: Sequence[dict]) -> str:
     line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True))
     out = [
         "Table 3 (per image). MACs: conv/linear multiply-accumulates incl. padding taps (the",
-        "official / paper convention; a transposed conv counts each input pixel once). The",
-        "official pix2pixHD code measures 84.8 G at 256x256; the paper's 99.3 G counts each",
-        "transposed conv per output pixel (thop): 84.80 + 3 x 4.83 = 99.30.",
-        "official / paper convention); 'official': measured on the official PyTorch code;",
-        "'paper': published (Table 3; Table 4 for instance-map rows without a Table 3 entry).",
+        "official / paper convention; a transposed conv counts each input pixel once).",
+        "'official': measured on the official PyTorch code; 'paper': published (Table 3;",
+        "Table 4 for instance-map rows without a Table 3 entry). The official pix2pixHD code",
+        "measures 84.8 G at 256x256; the paper's 99.3 G counts each transposed conv per output",
+        "pixel (thop): 84.80 + 3 x 4.83 = 99.30.",
         "XLA GFLOPs: XLA cost analysis of the whole forward (2 flops per MAC, elementwise ops",
         "included, padding taps excluded); XLA conv MACs: its convolutions alone, which equal",
         "'no-pad MACs', the analytic count without padding taps.",
@@ -694,12 +695,12 @@ def format_table(rows: Sequence[dict]) -> str:
                 r["dataset"],
                 r["model"],
                 o["pairs"],
-                f"{o['paper']['SPADE'][0]:.2f}",
-                f"{o['paper']['SPADE'][1]:.2f}",
-                f"{o['paper']['CLADE'][0]:.2f}",
-                f"{o['paper']['CLADE'][1]:.3f}",
-                f"{o['measured'][0]:.2f}",
-                f"{o['measured'][1]:.3f}",
+                _fmt(o["paper"]["SPADE"][0], ".2f"),
+                _fmt(o["paper"]["SPADE"][1], ".2f"),
+                _fmt(o["paper"]["CLADE"][0], ".2f"),
+                _fmt(o["paper"]["CLADE"][1], ".3f"),
+                _fmt(o["measured"][0], ".2f"),
+                _fmt(o["measured"][1], ".3f"),
             ]
         )
     p = PAPER_OVERHEAD_ADE20K

@@ -61,8 +61,10 @@ per upsampling). In a config: `model.unpool_num`, `model.unpool_encoder_convs`,
 Cost (ADE20k 256x256, `python -m clade_jax.evaluation.complexity`): with SPADE norms 175.3 M
 parameters and 293.9 G MACs (SPADE: 96.5 M, 181.2 G); with CLADE 150.3 M and 155.0 G. The
 encoder adds 80.2 M parameters (mostly its two 16nf-wide stages) and 112.8 G MACs, and the model
-drops SPADE's `fc` (1.4 M, 0.09 G). Everything else (blocks, spectral norm, CLADE / SPADE / switchable norms, ICPE,
-instance edges, `conv_img`) is the SPADE / CLADE generator's, reused from `generator.py`.
+drops SPADE's `fc` (1.4 M, 0.09 G).
+
+Everything else (blocks, spectral norm, CLADE / SPADE / switchable norms, ICPE, instance edges,
+`conv_img`) is the SPADE / CLADE generator's, reused from `generator.py`.
 
 Pooling helpers: `max_pool_with_indices` and `max_unpool` are jit-friendly (reshape + argmax +
 one-hot, no scatter); indices are positions 0..3 inside each 2x2 window (row-major), convertible
