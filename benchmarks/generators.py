@@ -191,7 +191,9 @@ def report(res: dict) -> str:
         f"({datetime.datetime.now().isoformat(timespec='minutes')})",
         "",
         f"jax {res['jax']}, {res['device']}, XLA_FLAGS=`{res['xla_flags']}`, "
-        f"alternating rounds ({res['infer_rounds']} inference, then {res['rounds']} training), "
+        f"alternating rounds ({res['infer_rounds']} inference"
+        + (f", then {res['rounds']} training" if any("/train" in k for k in res["ms"]) else "")
+        + "), "
         "medians; load average (1/5/15 min) "
         f"{res['loads'][0]} at start, {res['loads'][-1]} at end. Inference folds spectral norm "
         '(as `clade_jax.synthesize`); "SN per call" is the unfolded module.',

@@ -58,6 +58,24 @@ def fixture():
     return Fixture
 
 
+# Tests using `tiny_run` must carry this xdist group (`make test` runs `--dist loadgroup`), so
+# that the run is trained once, on the worker that runs them all.
+TINY_RUN_GROUP = "tiny_run"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny synthetic config trained for 4 steps on every device (8 host devices in the tests):
+    (config, workdir, graphdef, final state). Read-only: copy the workdir to write into it."""
+    from clade_jax.training import train_and_evaluate
+    from configs import synthetic
+
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    config = synthetic.get_config("tiny")
+    graphdef, state = train_and_evaluate(config, workdir)
+    return config, workdir, graphdef, state
+
+
 def pytest_configure(config):
     """A persistent compilation cache shared by the tests (and their subprocesses): the same
     tiny networks are compiled by several tests."""

@@ -1,7 +1,7 @@
 """`evaluate` end to end on a tiny trained run: images, FID (real Inception), segmentation scores.
 
-One tiny synthetic run is trained once for the module (`train_and_evaluate`, 4 steps) and
-evaluated several ways. The segmenter is injected (a `CallableSegmenter` that always predicts
+A copy of conftest's tiny run (the synthetic config, 4 steps on 8 devices) is evaluated several
+ways. The segmenter is injected (a `CallableSegmenter` that always predicts
 one class, and the same through the registry), so the expected mIoU and pixel accuracy can be
 computed by hand from the label maps.
 """
@@ -15,6 +15,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_RUN_GROUP
 from flax import nnx
 from PIL import Image
 
@@ -23,20 +24,21 @@ from clade_jax.evaluation import fid, segmentation
 from clade_jax.evaluation.evaluate import evaluate, fid_stats_stem
 from clade_jax.models.encoder import reparameterize
 from clade_jax.synthesize import to_uint8
-from clade_jax.training import checkpoint, train_and_evaluate
+from clade_jax.training import checkpoint
 from clade_jax.training.state import GANState
 from configs import synthetic as synthetic_config
 
 CONSTANT_CLASS = 0  # the fake segmenter's prediction everywhere
 
-# One xdist worker runs the whole module: its tests share one (session-scoped) training run.
-pytestmark = pytest.mark.xdist_group("test_evaluate")
+# One xdist worker runs this module and test_training.py: they share conftest's `tiny_run`.
+pytestmark = pytest.mark.xdist_group(TINY_RUN_GROUP)
 
 
-@pytest.fixture(scope="session")  # session: xdist may interleave other modules
-def run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("tiny"))
-    train_and_evaluate(synthetic_config.get_config("tiny"), workdir)
+@pytest.fixture(scope="session")
+def run(tiny_run, tmp_path_factory):
+    """A copy of conftest's tiny run (evaluation writes into its workdir)."""
+    workdir = str(tmp_path_factory.mktemp("evaluate") / "run")
+    shutil.copytree(tiny_run[1], workdir)
     return workdir
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_RUN_GROUP
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -19,8 +20,8 @@ from clade_jax.training.state import GANState, lr_factor
 from clade_jax.training.step import generator_losses, make_train_step
 from configs import synthetic
 
-# One xdist worker runs the whole module: its tests share one (session-scoped) training run.
-pytestmark = pytest.mark.xdist_group("test_training")
+# One xdist worker runs this module and test_evaluate.py: they share conftest's `tiny_run`.
+pytestmark = pytest.mark.xdist_group(TINY_RUN_GROUP)
 
 
 def tiny(arg: str = "") -> object:
@@ -31,12 +32,10 @@ def _leaves(state) -> dict:
     return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
 
-@pytest.fixture(scope="session")  # session: xdist may interleave other modules
-def straight_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("straight"))
-    config = tiny()
-    graphdef, state = train_and_evaluate(config, workdir)
-    return config, workdir, graphdef, state
+@pytest.fixture
+def straight_run(tiny_run):
+    """4 straight steps of the tiny config on 8 devices (conftest's shared run)."""
+    return tiny_run
 
 
 def test_tiny_run_writes_checkpoints_events_and_images(straight_run):
