@@ -32,14 +32,8 @@ def _leaves(state) -> dict:
     return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
 
-@pytest.fixture
-def straight_run(tiny_run):
-    """4 straight steps of the tiny config on 8 devices (conftest's shared run)."""
-    return tiny_run
-
-
-def test_tiny_run_writes_checkpoints_events_and_images(straight_run):
-    config, workdir, _, _ = straight_run
+def test_tiny_run_writes_checkpoints_events_and_images(tiny_run):
+    config, workdir, _, _ = tiny_run
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     samples = sorted(os.listdir(os.path.join(workdir, "samples")))
@@ -53,9 +47,9 @@ def test_tiny_run_writes_checkpoints_events_and_images(straight_run):
     assert grid.shape == (2 * 64, 3 * 64, 3)
 
 
-def test_resume_equals_uninterrupted(straight_run, tmp_path):
+def test_resume_equals_uninterrupted(tiny_run, tmp_path):
     """2 steps, stop (as if preempted), resume to 4: bitwise equal to 4 straight steps."""
-    config, straight_dir, _, straight_state = straight_run
+    config, straight_dir, _, straight_state = tiny_run
     workdir = str(tmp_path / "resumed")
     train_and_evaluate(tiny(), workdir, stop_after=2)
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
