@@ -9,12 +9,11 @@ Open MPI) or --coordinator_address, --num_processes and --process_id explicitly.
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from clade_jax import distributed
+from clade_jax import configs, distributed
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file[:arg]", lock_config=True)
+configs.DEFINE_config("config")
 flags.DEFINE_string("workdir", None, "output and resume directory")
 distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])

@@ -115,9 +115,9 @@ def measure(
     from flax import nnx
 
     import clade_jax  # noqa: F401  (sets the Eigen flag unless CLADE_JAX_KEEP_XLA_FLAGS=1)
+    from clade_jax.configs import ade20k
     from clade_jax.layers.conv import fold_spectral_norm
     from clade_jax.models.build import build_generator
-    from configs import ade20k
 
     labels = jax.random.randint(jax.random.key(1), (1, 256, 256), 0, 151, dtype=jnp.int32)
     fns = {}  # (model, mode) -> zero-argument callable returning blocked-on output

@@ -31,10 +31,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from clade_jax.configs import ade20k, synthetic  # noqa: E402
 from clade_jax.data import make_train_iterator  # noqa: E402
 from clade_jax.training.state import GANState  # noqa: E402
 from clade_jax.training.step import train_step  # noqa: E402
-from configs import ade20k, synthetic  # noqa: E402
 
 
 def make_step(norm: str, batch: int, size: int):

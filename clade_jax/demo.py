@@ -23,19 +23,13 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 
 
-def _configs():
-    from clade_jax.convert.workdir import _configs_module
-
-    return _configs_module("synthetic"), _configs_module("segmenter")
-
-
 def run(workdir: str, *, steps: int | None = None, segmenter_steps: int = 600) -> dict:
     """Run the demo into `workdir`; returns {'step0': eval dict, 'trained': eval dict, ...}."""
+    from clade_jax.configs import segmenter, synthetic
     from clade_jax.evaluation.evaluate import evaluate
     from clade_jax.evaluation.segmenter import train_segmenter
     from clade_jax.training import train_and_evaluate
 
-    synthetic, segmenter = _configs()
     timings = {}
     config = synthetic.get_config()
     config.save_initial_checkpoint = True

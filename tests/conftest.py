@@ -67,8 +67,8 @@ TINY_RUN_GROUP = "tiny_run"
 def tiny_run(tmp_path_factory):
     """The tiny synthetic config trained for 4 steps on every device (8 host devices in the tests):
     (config, workdir, graphdef, final state). Read-only: copy the workdir to write into it."""
+    from clade_jax.configs import synthetic
     from clade_jax.training import train_and_evaluate
-    from configs import synthetic
 
     workdir = str(tmp_path_factory.mktemp("tiny_run"))
     config = synthetic.get_config("tiny")

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from clade_jax import configs
 from clade_jax.evaluation import complexity
 from clade_jax.layers.conv import Conv2d
 
@@ -108,7 +109,7 @@ def test_xla_convention_on_one_conv():
     ],
 )
 def test_analytic_count_equals_xla_on_tiny(dataset, arg):
-    cfg = complexity.load_config(dataset, arg)
+    cfg = configs.load(dataset, arg)
     model = complexity.abstract_generator(cfg)
     inputs = complexity.generator_inputs(model, batch=2)
     layers = complexity.layer_counts(model, inputs)

@@ -19,6 +19,7 @@ from conftest import TINY_RUN_GROUP
 from flax import nnx
 from PIL import Image
 
+from clade_jax.configs import synthetic as synthetic_config
 from clade_jax.data import make_eval_iterator
 from clade_jax.evaluation import fid, segmentation
 from clade_jax.evaluation.evaluate import evaluate, fid_stats_stem
@@ -26,7 +27,6 @@ from clade_jax.models.encoder import reparameterize
 from clade_jax.synthesize import to_uint8
 from clade_jax.training import checkpoint
 from clade_jax.training.state import GANState
-from configs import synthetic as synthetic_config
 
 CONSTANT_CLASS = 0  # the fake segmenter's prediction everywhere
 
@@ -187,8 +187,8 @@ def test_vae_model_in_converted_layout_uses_the_posterior_of_the_real_image(tmp_
 def test_builtin_segmenter_named_in_the_config(run, tmp_path):
     """`config.eval.segmenter_workdir` names a segmenter trained with configs/segmenter.py; its
     scores on the written images are what evaluate reports."""
+    from clade_jax.configs import segmenter as segmenter_config
     from clade_jax.evaluation.segmenter import load_segmenter, train_segmenter
-    from configs import segmenter as segmenter_config
 
     seg_config = segmenter_config.get_config("dataset=synthetic,tiny,steps=4")
     seg_config.eval.at_end = False

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from test_training import _leaves, _one_vs_eight_devices
 
+from clade_jax.configs import synthetic
 from clade_jax.evaluation.evaluate import evaluate
 from clade_jax.training import train_and_evaluate
 from clade_jax.training.loop import make_mesh
-from configs import synthetic
 
 VARIANTS = {
     "pix2pixhd": "generator=pix2pixhd",

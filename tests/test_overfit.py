@@ -11,11 +11,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from clade_jax.configs import synthetic
 from clade_jax.data import make_train_iterator
 from clade_jax.training import train_and_evaluate
 from clade_jax.training.loop import make_mesh
 from clade_jax.training.step import sample_train_mode
-from configs import synthetic
 
 
 def test_generator_overfits_a_handful_of_scenes(tmp_path):

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 from flax import nnx
 
+from clade_jax.configs import ade20k, cityscapes, coco_stuff
 from clade_jax.convert import from_official
 from clade_jax.models.build import build_generator, count_params
-from configs import ade20k, cityscapes, coco_stuff
 
 OFFICIAL_ADE20K = {"spade": 96_492_483, "clade": 71_427_267, "clade_icpe": 71_427_375}
 

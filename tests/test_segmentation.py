@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clade_jax.configs import segmenter as segmenter_config
 from clade_jax.evaluation import segmentation as seg
-from configs import segmenter as segmenter_config
 
 # ----------------------------------------------------------------------------- metrics
 

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from clade_jax.configs import synthetic as synthetic_config
 from clade_jax.data import synthetic
 from clade_jax.data.sources import DataError
 from clade_jax.layers.labels import icpe_offsets
@@ -20,7 +21,6 @@ from clade_jax.models.encoder import reparameterize
 from clade_jax.synthesize import InferenceModel, load_inference_model, synthesize, to_uint8
 from clade_jax.training import checkpoint
 from clade_jax.training.state import GANState
-from configs import synthetic as synthetic_config
 
 
 def make_initialized_workdir(config, workdir: str) -> str:

@@ -13,12 +13,12 @@ from conftest import TINY_RUN_GROUP
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from clade_jax.configs import synthetic
 from clade_jax.data import make_train_iterator
 from clade_jax.training import checkpoint, train_and_evaluate
 from clade_jax.training.loop import check_finite, make_mesh, shard_batch
 from clade_jax.training.state import GANState, lr_factor
 from clade_jax.training.step import generator_losses, make_train_step
-from configs import synthetic
 
 # One xdist worker runs this module and test_evaluate.py: they share conftest's `tiny_run`.
 pytestmark = pytest.mark.xdist_group(TINY_RUN_GROUP)

@@ -204,8 +204,8 @@ def test_clade_with_switchable_norm_instance_and_icpe_train_and_eval():
 
 def test_config_knobs_reach_the_generator():
     """`model.unpool_*` in the config select the unpooling depth and the encoder's layout."""
+    from clade_jax.configs import ade20k
     from clade_jax.models.build import build_generator
-    from configs import ade20k
 
     c = ade20k.get_config("generator=unpool_vaegan")
     c.model.unpool_num = 2

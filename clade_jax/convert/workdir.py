@@ -14,13 +14,13 @@ with the same names works as well.
 from __future__ import annotations
 
 import os
-import sys
 
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 
+from clade_jax import configs
 from clade_jax.convert.official import (
     load_official_state,
     num_classes_from,
@@ -36,23 +36,12 @@ DATASET_CONFIGS = {
 }
 
 
-def _configs_module(name: str):
-    """Import `configs/<name>.py` (a top-level folder of the repository, beside the package)."""
-    try:
-        import configs  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    import importlib
-
-    return importlib.import_module(f"configs.{name}")
-
-
 def config_from_options(options: dict) -> ml_collections.ConfigDict:
     """Our config for the official options (dataset preset first, then every option that has a
     counterpart)."""
     mode = options.get("dataset_mode", "custom")
     base = DATASET_CONFIGS.get(mode, "custom")
-    c = _configs_module(base).get_config()
+    c = configs.load(base)
     d, m = c.data, c.model
     d.num_classes = num_classes_from(options)
     d.dontcare_label = int(options["label_nc"]) if options.get("contain_dontcare_label") else -1

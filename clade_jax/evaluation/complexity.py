@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -70,6 +69,7 @@ import numpy as np
 from flax import nnx
 from jax.extend import core as jax_core
 
+from clade_jax import configs
 from clade_jax.layers.clade import CLADE
 from clade_jax.layers.conv import Conv2d, Linear, fold_spectral_norm
 from clade_jax.layers.spade import SPADE
@@ -162,14 +162,9 @@ class LayerCount:
 # ----------------------------------------------------------------------------- inputs and models
 
 
-def load_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
-    """`configs/<name>.py`'s `get_config(arg)` (the repository root must be on sys.path)."""
-    return importlib.import_module(f"configs.{name}").get_config(arg or None)
-
-
 def variant_config(dataset: str, variant: Variant, arg: str = "") -> ml_collections.ConfigDict:
     """The config of one table row: `variant.arg` joined with the user's `arg`."""
-    cfg = load_config(dataset, ",".join(filter(None, [variant.arg, arg])))
+    cfg = configs.load(dataset, ",".join(filter(None, [variant.arg, arg])))
     if variant.instance is not None:
         cfg.data.use_instance = variant.instance
     return cfg
@@ -572,7 +567,7 @@ def complexity_table(
     """The rows of Table 3 for the given dataset configs.
 
     Args:
-      config_names: names of files in configs/ ("ade20k", "coco_stuff", "cityscapes", ...).
+      config_names: config specs for `clade_jax.configs.load` ("ade20k", "coco_stuff", ...).
       runtime: measure runtimes (compiles and runs every generator; slow for full sizes on CPU).
       batch: batch size.
       arg: extra config argument applied to every config (e.g. "tiny").
@@ -587,7 +582,7 @@ def complexity_table(
     """
     rows = []
     for dataset in config_names:
-        extra = (NO_INSTANCE_VARIANT,) if load_config(dataset, arg).data.use_instance else ()
+        extra = (NO_INSTANCE_VARIANT,) if configs.load(dataset, arg).data.use_instance else ()
         for variant in tuple(variants) + extra:
             if models is not None and variant.name not in models:
                 continue
@@ -729,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--configs",
         default="ade20k,coco_stuff,cityscapes",
-        help="comma-separated config names in configs/",
+        help="comma-separated config names (clade_jax/configs) or paths",
     )
     parser.add_argument(
         "--config_arg",

@@ -5,7 +5,7 @@
 Edit num_classes / dontcare_label below to match the label PNGs.
 """
 
-from configs import common
+from clade_jax.configs import common
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@ Layout: {train,val}_img, {train,val}_label, {train,val}_inst (the official SPADE
 The CLADE paper trains 50 epochs on COCO-Stuff because of its size.
 """
 
-from configs import common
+from clade_jax.configs import common
 
 
 def get_config(arg=None):

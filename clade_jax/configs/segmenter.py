@@ -12,7 +12,7 @@ reaches well above 90% pixel accuracy; a generator's images are then scored with
 DRN-D-105) give the published numbers; this one only ranks generators against each other.
 
 Arguments (comma-separated, after the colon):
-  dataset=NAME   any dataset config in configs/ (synthetic, ade20k, coco_stuff, cityscapes, ...)
+  dataset=NAME   any dataset config of clade_jax.configs (synthetic, ade20k, coco_stuff, ...)
   root=PATH, source=folder|tfds   passed to the dataset config
   width=N        base width (stage widths N, 2N, 4N, ...; as many stages as without it)
   steps=N, batch=N, lr=X
@@ -23,11 +23,10 @@ Arguments (comma-separated, after the colon):
 
 from __future__ import annotations
 
-import importlib
-
 import ml_collections
 
-from configs import common
+from clade_jax import configs
+from clade_jax.configs import common
 
 _DATA_ARGS = ("root", "source", "tiny")  # what the dataset config itself understands
 
@@ -44,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "segmenter"  # train.py dispatches on this
     c.seed = 0  # init and data order
-    c.data = importlib.import_module(f"configs.{dataset}").get_config(data_arg or None).data
+    c.data = configs.load(dataset, data_arg or None).data
     c.data.use_instance = False  # the segmenter needs photos and labels only
     c.data.icpe = False
 

@@ -4,7 +4,7 @@ python -m clade_jax.data.ade20k_outdoor --help      # how the subset is selected
 python train.py --config=configs/ade20k_outdoor.py:root=/data/ADE20k_outdoor --workdir=DIR
 """
 
-from configs import ade20k, common
+from clade_jax.configs import ade20k, common
 
 
 def get_config(arg=None):

@@ -8,7 +8,7 @@ The CLADE paper trains 200 epochs with Adam (0, 0.9), lr 1e-4 (G) / 4e-4 (D); th
 constant + 100 linearly decaying epochs is the official SPADE recipe.
 """
 
-from configs import common
+from clade_jax.configs import common
 
 
 def get_config(arg=None):

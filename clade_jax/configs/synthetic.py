@@ -6,7 +6,7 @@
 Labels and photos are generated on the fly (`clade_jax.data.synthetic`); no files are needed.
 """
 
-from configs import common
+from clade_jax.configs import common
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@ Layout: leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and gtFine/... *_gtFine
 paper's table uses 1024x512.
 """
 
-from configs import common
+from clade_jax.configs import common
 
 
 def get_config(arg=None):

@@ -1,0 +1,75 @@
+"""The config resolver: every spelling of a package config gives the same config, `:arg` applies,
+user files load from their path, unknown names fail naming the known ones, and the absl flag
+(`configs.DEFINE_config`) takes the same specs plus ml_collections' `--config.field=value`."""
+
+import os
+
+import pytest
+from absl import flags
+
+from clade_jax import configs
+from clade_jax.configs import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "ade20k",
+        "ade20k.py",
+        "configs/ade20k.py",
+        "./configs/ade20k.py",
+        "clade_jax/configs/ade20k.py",
+        os.path.join(REPO, "clade_jax", "configs", "ade20k.py"),
+    ],
+)
+def test_every_spelling_names_the_package_config(spec):
+    assert configs.load(spec + ":norm=spade,tiny").to_dict() == (
+        configs.load("ade20k", "norm=spade,tiny").to_dict()
+    )
+    assert configs.config_module(configs.split_spec(spec)[0]).__name__ == "clade_jax.configs.ade20k"
+
+
+def test_arg_reaches_get_config():
+    c = configs.load("synthetic:tiny,norm=spade,steps=3")
+    assert (c.model.norm, c.num_train_steps, c.model.ngf) == ("spade", 3, 4)
+    assert configs.load("synthetic").model.norm == "clade"
+    with pytest.raises(ValueError, match="both after the colon"):
+        configs.load("synthetic:tiny", "norm=spade")
+
+
+def test_names_lists_the_dataset_configs():
+    assert {"ade20k", "coco_stuff", "cityscapes", "synthetic", "segmenter"} <= set(configs.names())
+    assert "common" not in configs.names()
+
+
+def test_user_file_outside_the_package(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(
+        "from clade_jax.configs import synthetic\n"
+        "def get_config(arg=None):\n"
+        "    c = synthetic.get_config(arg)\n"
+        "    c.seed = 17\n"
+        "    return c\n"
+    )
+    c = configs.load(f"{path}:tiny")
+    assert (c.seed, c.model.ngf) == (17, 4)
+
+
+def test_unknown_config_names_the_known_ones(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ade20k_typo.*known: ade20k"):
+        configs.load("ade20k_typo")
+    (tmp_path / "nothing.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no get_config"):
+        configs.load(str(tmp_path / "nothing.py"))
+
+
+def test_flag_takes_a_name_and_overrides():
+    fv = flags.FlagValues()
+    argv = ["prog", "--config=synthetic:tiny", "--config.batch_size=4"]
+    holder = configs.DEFINE_config("config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    assert holder.value.batch_size == 4
+    assert holder.value.model.ngf == synthetic.get_config("tiny").model.ngf
+    assert holder.value.is_locked
