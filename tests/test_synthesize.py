@@ -135,16 +135,51 @@ def test_non_image_and_colour_files_are_rejected_by_name(vae_run, tmp_path):
         synthesize(workdir, tmp_path / "missing.png", tmp_path / "out", model=model)
 
 
-def test_dataset_encoding_is_applied_when_asked(vae_run, tmp_path):
-    """With label_encoding='dataset' the data set's PNG rules apply (here: no remapping, so the
-    same map gives the same image; out-of-range values still name the file)."""
-    workdir, model, g, e = vae_run
-    path = write_png(tmp_path / "m.png", scene(1)["label"].astype(np.uint8))
-    (a,) = synthesize(workdir, path, tmp_path / "a", model=model)
-    (b,) = synthesize(workdir, path, tmp_path / "b", label_encoding="dataset", model=model)
+def _blocks(values, size: int = 64) -> np.ndarray:
+    """A (size, size) uint8 map of vertical stripes, one per value."""
+    stripes = np.repeat(np.asarray(values, np.uint8), -(-size // len(values)))[:size]
+    return np.broadcast_to(stripes[None, :], (size, size)).copy()
+
+
+def _untrained(dataset: str):
+    """(config, InferenceModel) of an initialized tiny generator for a real data set's classes
+    (the class tables are random at init, so every class gives other pixels)."""
+    from clade_jax.configs import ade20k, coco_stuff
+    from clade_jax.models.build import build_generator
+
+    config = {"ade20k": ade20k, "coco_stuff": coco_stuff}[dataset].get_config("tiny")
+    config.data.use_instance = False
+    g = build_generator(config, rngs=nnx.Rngs(0))
+    g.eval()
+    return config, InferenceModel(g)
+
+
+@pytest.mark.parametrize(
+    "dataset, raw_values, ids",
+    [
+        # ADE20k: raw 0 ("unknown") is the don't-care class 150, raw k is class k - 1.
+        ("ade20k", [0, 1, 3, 27, 150], [150, 0, 2, 26, 149]),
+        # COCO-Stuff: raw 255 ("unlabeled") is the don't-care class 182, other ids are kept.
+        ("coco_stuff", [0, 5, 181, 255], [0, 5, 181, 182]),
+    ],
+)
+def test_dataset_encoding_is_applied_when_asked(dataset, raw_values, ids, tmp_path):
+    """label_encoding='dataset' reads the data set's own annotation PNG: the image is the one of
+    the remapped class ids, not the one of the raw values read as ids."""
+    model = _untrained(dataset)
+    raw = write_png(tmp_path / "raw.png", _blocks(raw_values))
+    remapped = write_png(tmp_path / "ids.png", _blocks(ids))
+    (a,) = synthesize("untrained", raw, tmp_path / "a", label_encoding="dataset", model=model)
+    (b,) = synthesize("untrained", remapped, tmp_path / "b", model=model)
     np.testing.assert_array_equal(read(a), read(b))
+    if dataset == "coco_stuff":  # 255 is no class id: read as ids it is an error
+        with pytest.raises(DataError, match=r"raw\.png.*outside \[0, 183\): 255"):
+            synthesize("untrained", raw, tmp_path / "c", model=model)
+    else:  # raw ADE20k values are valid ids of other classes: another image
+        (c,) = synthesize("untrained", raw, tmp_path / "c", model=model)
+        assert np.abs(read(c).astype(int) - read(b)).mean() > 0.5
     with pytest.raises(ValueError, match="label encoding"):
-        synthesize(workdir, path, tmp_path / "c", label_encoding="rgb", model=model)
+        synthesize("untrained", raw, tmp_path / "d", label_encoding="rgb", model=model)
 
 
 def test_icpe_and_instance_model(tmp_path):
