@@ -1,0 +1,186 @@
+"""`Segmenter`: a converted network plus its official test-time protocol.
+
+`seg.scores(images, label_size=(h, w), multiscale=False)` takes uint8 RGB images (N, H, W, 3)
+and returns (N, h, w, K) float32 scores equal to the official protocol's (the fixtures'
+`output/{single_scale,multi_scale}/scores`, NCHW there):
+
+    network     single scale                 multi scale                       scores are
+    upernet101  imgSizes (300,)              mean of softmax over 5 imgSizes   probabilities
+    deeplabv2   base(x)                      max of logits over 1, 0.5, 0.75   probabilities
+    drn_d_105   model(x)                     sum over 6 scales                 log-probabilities
+
+(each network module's docstring has the full protocol and its source lines). The network
+forward, the resizes to the label size and the fusion run in jit-compiled functions; the uint8
+image resizes the official code does with PIL (UperNet's BILINEAR, DRN's multi-scale BICUBIC)
+run on the host with PIL, as there. `predict` is the argmax (first maximum on ties).
+
+`features(x)` runs the bare network on an already preprocessed NHWC float32 input and returns
+every hooked official submodule output by its official name (`encoder.layer4`, `base.aspp.c0`,
+...), NHWC; used by the parity tests, handy for debugging converted weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clade_jax.evaluation.segmenters import deeplab, drn, upernet
+from clade_jax.evaluation.segmenters.resize import (
+    interpolate_bilinear,
+    pil_resize_float,
+    pil_resize_uint8,
+)
+
+__all__ = ["DRNSegmenter", "DeepLabSegmenter", "Segmenter", "UperNetSegmenter"]
+
+
+def _check_images(images) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(
+            f"images must be uint8 RGB (N, H, W, 3), got {images.dtype} {tuple(images.shape)}"
+        )
+    return images
+
+
+def _check_label_size(label_size) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in label_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"label_size must be (h, w), got {label_size!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"label_size must be positive, got {label_size!r}")
+    return h, w
+
+
+class Segmenter:
+    """Base: holds the network split into graphdef + state, and the jitted bare forward."""
+
+    name = "?"
+
+    def __init__(self, net: nnx.Module):
+        self.net = net
+        self.num_classes = int(net.num_classes)
+        self._graphdef, self._state = nnx.split(net)
+
+    def _merge(self, state) -> nnx.Module:
+        return nnx.merge(self._graphdef, state)
+
+    @functools.cached_property
+    def _features(self):
+        def run(state, x):
+            taps: dict = {}
+            self._merge(state)(x, taps)
+            return taps
+
+        return jax.jit(run)
+
+    def features(self, x) -> dict[str, jax.Array]:
+        """Official submodule outputs {torch module name: NHWC array} for a preprocessed input."""
+        return self._features(self._state, jnp.asarray(x, jnp.float32))
+
+    def scores(self, images, label_size, multiscale: bool = False) -> jax.Array:
+        """uint8 RGB (N, H, W, 3) -> (N, h, w, num_classes) float32 official scores."""
+        raise NotImplementedError
+
+    def predict(self, images, label_size, multiscale: bool = False) -> jax.Array:
+        """(N, h, w) int32 class predictions: argmax of `scores` (first maximum on ties)."""
+        return jnp.argmax(self.scores(images, label_size, multiscale), axis=-1).astype(jnp.int32)
+
+
+class UperNetSegmenter(Segmenter):
+    """mit-semseg UperNet101 protocol (see `upernet.py`)."""
+
+    name = "upernet101"
+
+    @functools.cached_property
+    def _probs(self):
+        def run(state, images_u8, label_size):
+            logits = self._merge(state)(upernet.normalize(images_u8))
+            return jax.nn.softmax(interpolate_bilinear(logits, label_size), axis=-1)
+
+        return jax.jit(run, static_argnums=2)
+
+    def scale_probs(self, images_resized_u8, label_size) -> jax.Array:
+        """Softmax at the label size for images already resized for one imgSizes entry."""
+        return self._probs(self._state, jnp.asarray(images_resized_u8), label_size)
+
+    def scores(self, images, label_size, multiscale: bool = False) -> jax.Array:
+        images, label_size = _check_images(images), _check_label_size(label_size)
+        sizes = upernet.IMG_SIZES if multiscale else upernet.IMG_SIZES[:1]
+        h, w = images.shape[1:3]
+        total = None
+        for s in sizes:
+            resized = pil_resize_uint8(images, upernet.scaled_size(h, w, s), "bilinear")
+            part = self.scale_probs(resized, label_size) / jnp.float32(len(sizes))
+            total = part if total is None else total + part
+        return total
+
+
+class DeepLabSegmenter(Segmenter):
+    """kazuto1011 DeepLabV2 (MSC) protocol (see `deeplab.py`)."""
+
+    name = "deeplabv2"
+
+    @functools.cached_property
+    def _scores(self):
+        def run(state, x, label_size, multiscale):
+            base = self._merge(state)
+            logits = deeplab.msc_logits(base, x) if multiscale else base(x)
+            return jax.nn.softmax(interpolate_bilinear(logits, label_size), axis=-1)
+
+        return jax.jit(run, static_argnums=(2, 3))
+
+    @functools.cached_property
+    def _msc_features(self):
+        def run(state, x):
+            taps: dict = {}
+            deeplab.msc_logits(self._merge(state), x, taps=taps)
+            return taps
+
+        return jax.jit(run)
+
+    def msc_features(self, x) -> dict[str, jax.Array]:
+        """Taps of the MSC forward: the full-scale ones, `scale<p>/<name>` and `input_scale<p>`."""
+        return self._msc_features(self._state, jnp.asarray(x, jnp.float32))
+
+    def scores_from_input(self, x, label_size, multiscale: bool = False) -> jax.Array:
+        """Scores for an already preprocessed (BGR - mean) float32 NHWC input."""
+        label_size = _check_label_size(label_size)
+        return self._scores(self._state, jnp.asarray(x, jnp.float32), label_size, multiscale)
+
+    def scores(self, images, label_size, multiscale: bool = False) -> jax.Array:
+        images = _check_images(images)
+        return self.scores_from_input(deeplab.preprocess(images), label_size, multiscale)
+
+
+class DRNSegmenter(Segmenter):
+    """fyu/drn DRN-D-105 protocol (see `drn.py`): scores are log-probabilities."""
+
+    name = "drn_d_105"
+
+    @functools.cached_property
+    def _log_probs(self):
+        def run(state, images_u8, label_size):
+            log_probs, _ = self._merge(state)(drn.normalize(images_u8))
+            return pil_resize_float(log_probs, label_size, "bilinear")
+
+        return jax.jit(run, static_argnums=2)
+
+    def scale_log_probs(self, images_u8, label_size) -> jax.Array:
+        """Log-probabilities resized to the label size (resize_4d_tensor) for one scale."""
+        return self._log_probs(self._state, jnp.asarray(images_u8), label_size)
+
+    def scores(self, images, label_size, multiscale: bool = False) -> jax.Array:
+        images, label_size = _check_images(images), _check_label_size(label_size)
+        total = self.scale_log_probs(images, label_size)
+        if multiscale:
+            h, w = images.shape[1:3]
+            for s in drn.MS_SCALES:
+                resized = pil_resize_uint8(images, (int(h * s), int(w * s)), "bicubic")
+                total = total + self.scale_log_probs(resized, label_size)
+        return total
