@@ -440,9 +440,9 @@ def train_segmenter(config: ml_collections.ConfigDict, workdir: str | Path) -> d
 
     writer = None
     if config.write_tensorboard:
-        from clu import metric_writers
+        from clade_jax.training.runtime import create_writer
 
-        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+        writer = create_writer(workdir)
     ignore = int(config.data.dontcare_label)
     step_fn = jax.jit(
         functools.partial(train_step, graphdef, tx, ignore),

@@ -6,97 +6,47 @@
   or a multi-host TPU pod.
 * The step is compiled once with the state donated; randomness is `fold_in(key, step)`.
 * Resume by default: a workdir with a checkpoint continues from it (state and data position).
-  SIGTERM saves a checkpoint and stops cleanly.
-* clu: scalars every `log_every_steps` (every loss, learning rates, steps/s), image grids
-  (label | synthesized | real) every `image_every_steps` (also as PNG under `workdir/samples`), a
-  parameter overview at the start; each cadence also fires on the last step. Metrics are checked
-  for NaN / inf where they are logged.
+  SIGTERM saves a checkpoint and stops cleanly; with several processes they agree on the step
+  first (`runtime.Preemption`).
+* TensorBoard (`runtime.create_writer`, no TensorFlow): scalars every `log_every_steps` (every
+  loss, learning rates, steps/s), image grids (label | synthesized | real) every
+  `image_every_steps` (also as PNG under `workdir/samples`), the config as hyperparameters; each
+  cadence also fires on the last step. Metrics are checked for NaN / inf where they are logged.
+* Console (`runtime.Progress`): a start line, one line per `log_every_steps` (losses, steps/s,
+  ETA), a progress bar on a terminal, a line per checkpoint; the parameter table goes to
+  `workdir/parameters.txt`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from clade_jax.data import make_source, make_train_iterator
-from clade_jax.data.synthetic import colorize
 from clade_jax.models.vgg import load_vgg19
-from clade_jax.training import checkpoint
+from clade_jax.training import checkpoint, runtime
+from clade_jax.training.runtime import check_finite, make_mesh
 from clade_jax.training.state import GANState, lr_factor, total_steps
 from clade_jax.training.step import MODEL_INPUTS, make_train_step, sample_train_mode
+from clade_jax.visualize import image_grid
 
+__all__ = ["check_finite", "make_mesh", "shard_batch", "train_and_evaluate"]
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D data-parallel mesh over `devices` (default: every device of every process)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), ("data",))
+log = logging.getLogger(__name__)
 
 
 def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
-    """This process's numpy batch -> global arrays sharded along the batch axis."""
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-        for k, v in batch.items()
-        if k in MODEL_INPUTS
-    }
-
-
-def check_finite(metrics: dict, step: int) -> None:
-    """Raise naming the metric and step if a loss became NaN or inf."""
-    for name, value in metrics.items():
-        if not np.isfinite(value):
-            raise FloatingPointError(
-                f"{name} became {value} at step {step}. Likely causes: label values outside "
-                "[0, num_classes) reached the model (the normalization layers turn them into NaN; "
-                "check config.data.num_classes / label_255_to), or the run diverged (lower the "
-                "learning rates or use float32)."
-            )
-
-
-def image_grid(labels: np.ndarray, fake: np.ndarray, real: np.ndarray, num_classes: int):
-    """Rows of [colourised label | synthesized | real] as one uint8 (H*rows, 3W, 3) image."""
-    to_u8 = lambda x: np.clip((np.asarray(x, np.float32) + 1) * 127.5 + 0.5, 0, 255).astype(
-        np.uint8
-    )
-    rows = [
-        np.concatenate([colorize(lab, num_classes), to_u8(f), to_u8(r)], axis=1)
-        for lab, f, r in zip(labels, fake, real, strict=True)
-    ]
-    return np.concatenate(rows, axis=0)
-
-
-class _StopSignal:
-    """Turns SIGTERM into a flag the loop checks after each step (then it saves and stops)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread (e.g. some test runners)
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM: saving a checkpoint and stopping after this step")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    """This process's numpy batch -> global arrays (the model's inputs) sharded along the batch."""
+    return runtime.shard_batch(batch, sharding, MODEL_INPUTS)
 
 
 def train_and_evaluate(
@@ -123,11 +73,12 @@ def train_and_evaluate(
             f"batch_size {config.batch_size} is not divisible by the {mesh.size} "
             "devices of the mesh"
         )
-    logging.info(
-        "training on %d devices in %d processes (this is process %d)",
+    log.info(
+        "training on %d devices in %d processes (this is process %d; %s)",
         mesh.size,
         jax.process_count(),
         jax.process_index(),
+        ", ".join(sorted({f"{d.platform} {d.device_kind}" for d in mesh.devices.flat})),
     )
     checkpoint.write_config(config, workdir)
     dataset_size = len(make_source(config.data, "train"))
@@ -136,10 +87,7 @@ def train_and_evaluate(
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
-    # The initialisation is compiled once per run; with the counter-based default PRNG that
-    # compile takes ~4x longer (every parameter gets its own threefry expansion) than with the
-    # RngBitGenerator-based "rbg" PRNG. Training randomness keeps the default PRNG.
-    init_key = jax.random.key(config.seed, impl="rbg")
+    init_key = runtime.init_key(config.seed)
     train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     make_state = lambda key: GANState(config, dataset_size, rngs=nnx.Rngs(key))
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: make_state(init_key)))
@@ -156,41 +104,49 @@ def train_and_evaluate(
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
     if manager.latest_step() is not None:
         state, iterator, start = checkpoint.restore(manager, abstract_state, replicated, iterator)
-        logging.info("resumed %s at step %d", workdir, start)
+        log.info("resumed %s at step %d", workdir, start)
     else:
         init = jax.jit(lambda key: nnx.split(make_state(key))[1], out_shardings=state_sharding)
         state, start = init(init_key), 0
         if config.get("save_initial_checkpoint", False):
             checkpoint.save(manager, 0, state, iterator, force=True)
+    log.info(
+        "%s: steps %d..%d of %d (batch %d, %d training examples)",
+        workdir,
+        start + 1,
+        num_steps,
+        num_steps,
+        config.batch_size,
+        dataset_size,
+    )
 
     step_fn = make_train_step(graphdef, config, state_sharding, batch_sharding)
     sample_fn = jax.jit(lambda s, b, k: sample_train_mode(graphdef, s, b, k))
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = runtime.create_writer(workdir)
     if start == 0:
-        for name in ("gen", "d"):
-            params = nnx.state(getattr(nnx.merge(graphdef, state), name), nnx.Param)
-            parameter_overview.log_parameter_overview(
-                params.to_pure_dict(), msg=f"{name} parameters", include_stats=False
-            )
-        writer.write_hparams(_flat(config))
-    report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+        _write_parameter_table(nnx.merge(graphdef, state), workdir)
+        writer.write_hparams(traverse_util.flatten_dict(config.to_dict(), sep="."))
+    progress = runtime.Progress(num_steps, "training", initial=start, logger=log)
     pending, step = [], start
-    with _StopSignal() as stop, mesh:
+    with runtime.Preemption() as preemption, mesh, progress:
         for step in range(start, num_steps):
             local = next(iterator)
             batch = shard_batch(local, batch_sharding)
             state, metrics = step_fn(state, batch, jnp.int32(step), train_key, vgg)
             pending.append(metrics)
             done = step + 1
-            last = done == num_steps or stop.requested or done == stop_after
-            report(done)
+            # Every process calls this every step: they agree on the step they stop at.
+            stop = preemption.reached(done, manager) or done == stop_after
+            last = done == num_steps or stop
+            progress.update()
             if done % config.log_every_steps == 0 or last:
                 scalars = {
                     k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]
                 }
                 check_finite(scalars, done)
                 f = float(factor(step))
-                scalars.update(lr_g=config.optim.lr_g * f, lr_d=config.optim.lr_d * f)
+                speed = progress.log(done, scalars)
+                scalars.update(lr_g=config.optim.lr_g * f, lr_d=config.optim.lr_d * f, **speed)
                 writer.write_scalars(done, scalars)
                 pending = []
             if done % config.image_every_steps == 0 or last:
@@ -202,29 +158,45 @@ def train_and_evaluate(
             )
             if done % config.checkpoint_every_steps == 0 or last or evaluate_now:
                 checkpoint.save(manager, done, state, iterator, force=True)
+                log.info("checkpoint step %d -> %s", done, manager.directory / str(done))
             if evaluate_now:
+                progress.close()
                 _evaluate_during_training(manager, workdir, done, config)
-            if stop.requested or done == stop_after:
+            if stop:
                 break
     manager.wait_until_finished()
     manager.close()
-    writer.flush()
+    writer.close()
     return graphdef, state
+
+
+def _write_parameter_table(model: GANState, workdir: str) -> None:
+    """One line per network at INFO, and every parameter's shape in `workdir/parameters.txt`."""
+    lines = []
+    for name in ("gen", "d"):
+        params = nnx.state(getattr(model, name), nnx.Param).to_pure_dict()
+        flat = traverse_util.flatten_dict(params, sep="/")
+        total = sum(int(np.prod(v.shape)) for v in flat.values())
+        log.info("%s: %s parameters in %d arrays", name, f"{total:,}", len(flat))
+        lines.append(f"{name}: {total:,} parameters")
+        lines += [f"  {k}  {tuple(v.shape)}  {v.dtype}" for k, v in sorted(flat.items())]
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def _evaluate_during_training(manager, workdir: str, step: int, config) -> None:
     """`evaluate.py` on the checkpoint just written (FID, and mIoU with eval.segmenter_workdir);
     results go to workdir/eval/<step>.json and TensorBoard. Single-process runs only."""
     if jax.process_count() > 1:
-        logging.warning("eval_every_steps: evaluation runs single-process; use evaluate.py")
+        log.warning("eval_every_steps: evaluation runs single-process; use evaluate.py")
         return
     from clade_jax.evaluation.evaluate import evaluate
 
     manager.wait_until_finished()
     result = evaluate(workdir, step=step, segmenter_workdir=config.eval.segmenter_workdir or None)
-    logging.info(
-        "step %d evaluation: %s", step, {k: v for k, v in result.items() if isinstance(v, float)}
-    )
+    scores = " ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
+    log.info("step %d evaluation: %s", step, scores)
 
 
 def _write_samples(sample_fn, state, batch, local, key, step, config, mesh, writer, workdir):
@@ -241,13 +213,3 @@ def _write_samples(sample_fn, state, batch, local, key, step, config, mesh, writ
     if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         Image.fromarray(grid).save(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
-
-
-def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, ml_collections.ConfigDict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
