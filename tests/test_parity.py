@@ -84,19 +84,33 @@ def test_generator_train_forward_matches_official(name):
 
 
 def test_effective_spectral_weights_match_official():
-    """Eval-mode W / sigma with the stored u, v equals the fixture's `eff/` weights."""
+    """Eval-mode W / sigma with the stored u, v equals the fixture's `eff/` weights, for every
+    spectral-normalized convolution of the generator (one `eff/` key each)."""
+    from clade_jax.layers import Conv2d
+
     fx = Fixture("clade_tiny")
     g = from_official(fx.state, fx.options, "G")
     g.eval()
-    for key in fx.keys("eff/"):
-        module = g
-        for part in key[len("eff/") : -len(".weight")].split("."):
-            module = getattr(module, part)
-        ours = np.transpose(np.asarray(module.weight()), (3, 2, 0, 1))
-        assert rel_err(ours, fx[key]) <= TOL, key
+    ours = {
+        ".".join(map(str, path)): node
+        for path, node in nnx.iter_graph(g)
+        if isinstance(node, Conv2d) and node.spectral_norm
+    }
+    keys = {k[len("eff/") : -len(".weight")] for k in fx.keys("eff/")}
+    # 7 residual blocks x (conv_0, conv_1) + the 4 learned shortcuts (up_0..up_3)
+    assert len(keys) == 18 and keys == set(ours)
+    for name, conv in ours.items():
+        w = np.transpose(np.asarray(conv.weight()), (3, 2, 0, 1))
+        assert rel_err(w, fx[f"eff/{name}.weight"]) <= TOL, name
 
 
-def test_encoder_and_kld_match_official():
+def test_encoder_and_kld_match_official(monkeypatch):
+    """The encoder's mu / logvar, `reparameterize` (fed the official noise) and the KL term
+    weighted by the official lambda_kld (as the converted config and our default give it)."""
+    from clade_jax.configs import common
+    from clade_jax.convert.workdir import config_from_options
+    from clade_jax.models import encoder
+
     fx = Fixture("spade_tiny_vae")
     enc = Fixture("spade_tiny_vae", prefix="enc/")
     state = {k: v for k, v in enc.state.items() if k != "eps"}  # enc/eps is an input, not state
@@ -110,10 +124,20 @@ def test_encoder_and_kld_match_official():
         errors["mu" + suffix] = rel_err(mu, enc["output/mu" + suffix])
         errors["logvar" + suffix] = rel_err(logvar, enc["output/logvar" + suffix])
     mu, logvar = jnp.asarray(enc["output/mu"]), jnp.asarray(enc["output/logvar"])
-    z = enc["eps"] * np.exp(0.5 * enc["output/logvar"]) + enc["output/mu"]
-    errors["z"] = rel_err(z, fx["input/z"])
+    # reparameterize with its N(0, 1) draw replaced by the official one (torch.randn_like)
+    official_eps = jnp.asarray(enc["eps"])
+
+    def normal(key, shape, dtype=jnp.float32):
+        assert tuple(shape) == official_eps.shape
+        return official_eps.astype(dtype)
+
+    monkeypatch.setattr(encoder.jax.random, "normal", normal)
+    errors["z"] = rel_err(encoder.reparameterize(mu, logvar, jax.random.key(0)), fx["input/z"])
+    monkeypatch.undo()
+    lambda_kld = config_from_options(fx.options).loss.lambda_kld
+    assert lambda_kld == fx.options["lambda_kld"] == common.get_config().loss.lambda_kld
     errors["KLD_raw"] = rel_err(losses.kld(mu, logvar), fx["loss/KLD_raw"])
-    errors["KLD_weighted"] = rel_err(0.05 * losses.kld(mu, logvar), fx["loss/KLD_weighted"])
+    errors["KLD_weighted"] = rel_err(lambda_kld * losses.kld(mu, logvar), fx["loss/KLD_weighted"])
     bad = {k: v for k, v in errors.items() if not v <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
 

@@ -64,6 +64,31 @@ def test_train_batch_format_synthetic():
         np.testing.assert_allclose(b["icpe"][i], icpe_offsets(b["label"][i], ignore=(9,)))
 
 
+def test_icpe_is_computed_after_the_flip():
+    """With no crop (preprocess 'fixed' at the rendered size) each training label map is its
+    source map or that map mirrored; over an epoch both occur, and the flipped ones carry the
+    ICPE map of the flipped labels (not the source map's, flipped or not)."""
+    cfg = data_config(icpe=True, preprocess="fixed", load_size=32, crop_size=32)
+    source = make_source(cfg, "train")
+    by_name = {source[i]["name"]: source[i]["label"] for i in range(len(source))}
+    flipped = kept = 0
+    for b in _take(_train(cfg, names=True), 6):  # 24 examples: one epoch
+        for name, label, icpe in zip(b["name"], b["label"], b["icpe"], strict=True):
+            raw = by_name[name]
+            np.testing.assert_allclose(icpe, icpe_offsets(label, ignore=(9,)))
+            if np.array_equal(raw, raw[:, ::-1]):
+                continue  # a mirror-symmetric scene: a flip is not observable
+            if np.array_equal(label, raw[:, ::-1]):
+                flipped += 1
+                before = icpe_offsets(raw, ignore=(9,))
+                assert np.abs(icpe - before).max() > 0.5
+                assert np.abs(icpe - before[:, ::-1]).max() > 0.5  # the official loader's map
+            else:
+                np.testing.assert_array_equal(label, raw)
+                kept += 1
+    assert flipped >= 3 and kept >= 3
+
+
 def test_train_batches_without_optional_maps():
     b = next(_train(data_config()))
     assert set(b) == {"label", "image"}
