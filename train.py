@@ -6,11 +6,14 @@
 Starting on a workdir that holds a checkpoint resumes it. Multi-process runs (GPU clusters, TPU
 pods) call `jax.distributed.initialize()`: pass --distributed for automatic detection (TPU, SLURM,
 Open MPI) or --coordinator_address, --num_processes and --process_id explicitly.
+
+The console shows clade_jax's lines (`-v 1`: every library's); a user error (bad flag, missing
+weights, NaN loss) ends with one paragraph and exit code 2 (`--traceback` for the traceback).
 """
 
-from absl import app, flags
+from absl import flags
 
-from clade_jax import configs, distributed
+from clade_jax import cli, configs, distributed
 
 FLAGS = flags.FLAGS
 configs.DEFINE_config("config")
@@ -33,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -17,9 +17,11 @@ with the papers' tables.
   size: the upsampled maps are resized to their skip's size). NHWC; widths configurable.
 * `segmentation_loss`, `train_step`: pure functions (cross-entropy with the don't-care label
   ignored; the step takes and returns a `SegState` pytree and is jit-compiled once, state donated).
-* `train_segmenter(config, workdir)`: the loop (data-parallel over all devices with one mesh,
-  orbax checkpoints of the state and the data iterator, resume by default, config.json, clu
-  scalars), ending with an evaluation on the validation split.
+* `train_segmenter(config, workdir)`: the loop on the shared training runtime
+  (`clade_jax.training.runtime` and `.checkpoint`: one data-parallel mesh over all devices, the
+  rbg init key, orbax checkpoints of the state and the data iterator, resume by default,
+  config.json, TensorBoard scalars, the NaN check, SIGTERM agreed across processes, progress
+  lines / bar), ending with an evaluation on the validation split.
 * `load_segmenter(workdir)`: the latest checkpoint as a jit-compiled `Segmenter`.
 """
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 from pathlib import Path
@@ -43,8 +44,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clade_jax.evaluation import segmentation
+from clade_jax.models.build import compute_dtype
+from clade_jax.training import checkpoint, runtime
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -163,7 +166,7 @@ def build_segmenter(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Seg
         config.data.num_classes,
         widths=tuple(config.model.widths),
         depth=config.model.depth,
-        dtype=DTYPES[config.compute_dtype],
+        dtype=compute_dtype(config),
         rngs=rngs,
     )
 
@@ -339,22 +342,9 @@ def evaluate_segmenter(
 # ----------------------------------------------------------------------------- the loop
 
 
-def _checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-    return ocp.CheckpointManager(workdir.resolve() / "checkpoints", options=options)
-
-
 def init_rngs(seed: int) -> nnx.Rngs:
-    """Initialisation randomness from XLA's RngBitGenerator ("rbg") instead of threefry.
-
-    With jax >= 0.10's default (partitionable threefry) every parameter shape compiles its own
-    threefry program, which takes 1-3 s per shape on a 2-core CPU (13 s for the tiny segmenter);
-    rbg compiles 5x faster. The weights then depend on the backend, which does not matter for
-    a network that is trained and checkpointed.
-    """
-    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+    """Initialisation randomness: `runtime.init_key` (rbg, compiles ~5x faster than threefry)."""
+    return nnx.Rngs(runtime.init_key(seed))
 
 
 def _initial_state(config: ml_collections.ConfigDict, tx):
@@ -376,73 +366,54 @@ def _initial_state_abstract(config: ml_collections.ConfigDict, tx):
     return graphdef, jax.eval_shape(lambda: _initial_state(config, tx)[1])
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
-    """Writes `workdir/config.json` (process 0), what `load_segmenter` rebuilds the net from."""
-    if jax.process_index() == 0:
-        path = Path(workdir) / "config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-
-
-def train_segmenter(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train_segmenter(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, stop_after: int | None = None
+) -> dict[str, Any]:
     """Trains the segmenter of `config` in `workdir`, resuming from its latest checkpoint.
 
     Args:
       config: a `configs/segmenter.py` config (`task == "segmenter"`).
       workdir: checkpoints, config.json and TensorBoard scalars go here.
+      stop_after: checkpoint and stop after this many steps, as a preemption would (tests).
 
     Returns:
       The final metrics: the last training scalars ("train/...") and, if
-      `config.eval.at_end`, the validation scores ("eval/miou", "eval/pixel_accuracy", ...).
+      `config.eval.at_end` and training ran to the end, the validation scores ("eval/miou",
+      "eval/pixel_accuracy", ...).
     """
-    import grain
-    import orbax.checkpoint as ocp
-
     from clade_jax.data import make_train_iterator
 
     if config.get("task", "segmenter") != "segmenter":
         raise ValueError(f"train_segmenter needs a segmenter config, got task={config.task!r}")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_config(config, workdir)
     total = int(config.num_train_steps)
     if total <= 0:
-        raise ValueError("num_train_steps must be > 0")
-    if config.batch_size % jax.device_count():
+        raise ValueError(f"num_train_steps must be > 0, got {total}")
+    mesh = runtime.make_mesh()
+    if config.batch_size % mesh.size:
         raise ValueError(
-            f"batch_size {config.batch_size} must be a multiple of the {jax.device_count()} devices"
+            f"batch_size {config.batch_size} must be a multiple of the {mesh.size} devices"
         )
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_config(config, str(workdir))
 
-    # One mesh over every device of every process: data parallel, state replicated; BatchNorm's
-    # batch statistics are then global-batch statistics under jit.
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    # Data parallel, state replicated; BatchNorm's batch statistics are then global-batch
+    # statistics under jit.
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tx = make_optimizer(config)
     graphdef, abstract = _initial_state_abstract(config, tx)
     it = make_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
-    mngr = _checkpoint_manager(workdir, config)
+    mngr = checkpoint.make_manager(str(workdir), keep=config.keep_checkpoints)
     if mngr.latest_step() is None:
         # One compiled program builds the whole state (faster than op-by-op), replicated.
         state = jax.jit(lambda: _initial_state(config, tx)[1], out_shardings=replicated)()
     else:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-        )
-        restored = mngr.restore(
-            mngr.latest_step(),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=grain.checkpoint.CheckpointRestore(it),
-            ),
-        )
-        state = restored["state"]
-        logging.info("resumed the segmenter from step %d", int(state.step))
+        state, it, _ = checkpoint.restore(mngr, abstract, replicated, it)
+        log.info("resumed the segmenter %s at step %d", workdir, int(state.step))
+    start = int(state.step)
+    log.info("segmenter %s: steps %d..%d on %d devices", workdir, start + 1, total, mesh.size)
 
-    writer = None
-    if config.write_tensorboard:
-        from clade_jax.training.runtime import create_writer
-
-        writer = create_writer(workdir)
+    writer = runtime.create_writer(workdir, enabled=None if config.write_tensorboard else False)
     ignore = int(config.data.dontcare_label)
     step_fn = jax.jit(
         functools.partial(train_step, graphdef, tx, ignore),
@@ -450,32 +421,30 @@ def train_segmenter(config: ml_collections.ConfigDict, workdir: str | Path) -> d
         out_shardings=(replicated, replicated),
     )
     out: dict[str, Any] = {}
-    start = int(state.step)
-    for step in range(start + 1, total + 1):
-        batch = next(it)
-        batch = {
-            k: jax.make_array_from_process_local_data(sharded, batch[k]) for k in ("image", "label")
-        }
-        state, metrics = step_fn(state, batch)
-        last = step == total
-        if step % config.log_every_steps == 0 or last:
-            scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-            for k, v in scalars.items():
-                if not np.isfinite(v):
-                    raise FloatingPointError(f"{k} became nan or inf at step {step}")
-            if writer is not None:
-                writer.write_scalars(step, scalars)
-            out.update(scalars)
-        if step % config.checkpoint_every_steps == 0 or last:
-            mngr.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)
-                ),
-            )
+    step = start
+    progress = runtime.Progress(total, "segmenter", initial=start, logger=log)
+    with runtime.Preemption() as preemption, progress:
+        for step in range(start + 1, total + 1):
+            batch = runtime.shard_batch(next(it), sharded, ("image", "label"))
+            state, metrics = step_fn(state, batch)
+            stop = preemption.reached(step, mngr) or step == stop_after
+            last = step == total or stop
+            progress.update()
+            if step % config.log_every_steps == 0 or last:
+                scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+                runtime.check_finite(scalars, step)
+                speed = progress.log(step, {k[6:]: v for k, v in scalars.items()})
+                writer.write_scalars(step, {**scalars, **speed})
+                out.update(scalars)
+            if step % config.checkpoint_every_steps == 0 or last:
+                checkpoint.save(mngr, step, state, it, force=True)
+                log.info("segmenter checkpoint step %d -> %s", step, mngr.directory / str(step))
+            if stop:
+                break
     mngr.wait_until_finished()
+    mngr.close()
 
-    if config.eval.at_end:
+    if config.eval.at_end and step == total:
         model = nnx.merge(graphdef, state.params, state.batch_stats)
         scores = evaluate_segmenter(NNXSegmenter(model, batch_size=config.eval.batch_size), config)
         evals = {
@@ -483,11 +452,15 @@ def train_segmenter(config: ml_collections.ConfigDict, workdir: str | Path) -> d
             for k in ("miou", "pixel_accuracy", "mean_accuracy", "fw_iou")
         }
         evals["eval/num_images"] = float(scores["num_images"])
-        if writer is not None:
-            writer.write_scalars(total, evals)
+        writer.write_scalars(total, evals)
         out.update(evals)
-    if writer is not None:
-        writer.flush()
+        log.info(
+            "segmenter on %d validation images: mIoU %.3f, pixel accuracy %.3f",
+            scores["num_images"],
+            evals["eval/miou"],
+            evals["eval/pixel_accuracy"],
+        )
+    writer.close()
     return out
 
 
@@ -505,25 +478,13 @@ def load_segmenter(
       An `NNXSegmenter` (a `segmentation.Segmenter`) in inference mode; its `config` attribute
       holds the training config (data set, don't-care id).
     """
-    import orbax.checkpoint as ocp
-
     workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: is {workdir} a segmenter workdir?")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = checkpoint.load_config(str(workdir))
     graphdef, abstract = _initial_state_abstract(config, make_optimizer(config))
-    mngr = _checkpoint_manager(workdir, config)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    mngr = checkpoint.make_manager(str(workdir), keep=config.keep_checkpoints, with_data=False)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # inference: one device
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
-    )
-    restored = mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    )["state"]
+    restored, _, _ = checkpoint.restore(mngr, abstract, device, step=step)
+    mngr.close()
     model = nnx.merge(graphdef, restored.params, restored.batch_stats)
     seg = NNXSegmenter(model, batch_size=batch_size)
     seg.config = config

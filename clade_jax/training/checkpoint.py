@@ -1,7 +1,8 @@
 """Checkpoints of a run: orbax `CheckpointManager` over the train state and the data iterator.
 
-A checkpoint holds the whole `GANState` (networks, optimizer states, EMA, buffers) as a pure
-dict, and the grain iterator position (`grain.checkpoint.CheckpointSave`), so a resumed run sees
+A checkpoint holds the whole train state (the GAN's `nnx.State`: networks, optimizer states, EMA,
+buffers, as a pure dict; or any pytree, e.g. the segmenter's `SegState`), and the grain iterator
+position (`grain.checkpoint.CheckpointSave`), so a resumed run sees
 exactly the batches an uninterrupted one would have. Orbax writes each checkpoint to a temporary
 directory and renames it when complete, so a crash or SIGTERM leaves the last good one;
 `wait_until_finished()` is called before the process exits.
@@ -64,13 +65,14 @@ def make_manager(
 def save(
     manager: ocp.CheckpointManager,
     step: int,
-    state: nnx.State,
+    state,
     data_iterator=None,
     *,
     force: bool = False,
 ) -> bool:
-    """Start an (async) save of `state` and the data iterator at `step`."""
-    args = {"state": ocp.args.StandardSave(state.to_pure_dict())}
+    """Start an (async) save of `state` (an `nnx.State` or any pytree) and the data iterator."""
+    tree = state.to_pure_dict() if isinstance(state, nnx.State) else state
+    args = {"state": ocp.args.StandardSave(tree)}
     if data_iterator is not None:
         args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return manager.save(step, args=ocp.args.Composite(**args), force=force)
@@ -78,7 +80,7 @@ def save(
 
 def restore(
     manager: ocp.CheckpointManager,
-    abstract_state: nnx.State,
+    abstract_state,
     sharding=None,
     data_iterator=None,
     step: int | None = None,
@@ -87,7 +89,8 @@ def restore(
 
     Args:
       manager: from `make_manager`.
-      abstract_state: `nnx.split(nnx.eval_shape(...))[1]`: shapes and dtypes.
+      abstract_state: shapes and dtypes: an `nnx.State` (`nnx.split(nnx.eval_shape(...))[1]`)
+        or any pytree of arrays / `jax.ShapeDtypeStruct`s (`jax.eval_shape`).
       sharding: where the restored arrays go (e.g. replicated over the mesh); None = default.
       data_iterator: a fresh iterator of the same config, whose position is restored.
       step: which checkpoint; None = the latest.
@@ -95,9 +98,10 @@ def restore(
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    is_nnx = isinstance(abstract_state, nnx.State)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        abstract_state.to_pure_dict(),
+        abstract_state.to_pure_dict() if is_nnx else abstract_state,
     )
     args = {"state": ocp.args.StandardRestore(target)}
     # A converted official checkpoint has no data position: the iterator then starts fresh.
@@ -105,8 +109,10 @@ def restore(
     if data_iterator is not None and has_data:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**args))
-    state = abstract_state
-    nnx.replace_by_pure_dict(state, restored["state"])
+    state = restored["state"]
+    if is_nnx:
+        state = abstract_state
+        nnx.replace_by_pure_dict(state, restored["state"])
     return state, (restored["data"] if "data" in args else data_iterator), step
 
 
