@@ -34,8 +34,8 @@ Sampling:
 Outputs: `<out>/<label stem>.png` (one sample) or `<out>/<label stem>_sample<k>.png`. Images are
 quantized to uint8 as the official `tensor2im` (`(x + 1) / 2 * 255`, clipped, truncated).
 
-`InferenceModel` (the jit-compiled generator + encoder of a workdir) and `to_uint8` are shared
-with `clade_jax.evaluation.evaluate`.
+The model side (restoring a workdir, `InferenceModel`, `to_uint8`) is `clade_jax.inference`; this
+module adds the file readers, the batching over files and the CLI.
 """
 
 from __future__ import annotations
@@ -46,133 +46,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 from PIL import Image
 
 from clade_jax.data.sources import DataError, label_encoding, read_id_map, read_image
 from clade_jax.data.transforms import resize_ids, resize_image
-from clade_jax.layers.conv import fold_spectral_norm
+from clade_jax.inference import InferenceModel, load_inference_model, sample_keys, to_uint8
 from clade_jax.layers.labels import check_labels, icpe_offsets
-from clade_jax.models.encoder import reparameterize
 
 LABEL_ENCODINGS = ("ids", "dataset")
 IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".gif", ".pgm")
-
-
-def to_uint8(images: np.ndarray | jax.Array) -> np.ndarray:
-    """Generator output in [-1, 1] -> uint8 as the official `util.tensor2im` (truncation).
-
-    Args:
-      images: (..., 3) float in [-1, 1].
-
-    Returns:
-      uint8 array of the same shape: `clip((x + 1) / 2 * 255, 0, 255)` truncated, so that saved
-      images (and FID computed on them) match the official test script's PNGs.
-    """
-    x = (np.asarray(images, np.float32) + 1.0) / 2.0 * 255.0
-    return np.clip(x, 0, 255).astype(np.uint8)
-
-
-class InferenceModel:
-    """A workdir's generator (and VAE encoder) as one jit-compiled function, in eval mode.
-
-    Args:
-      generator: the generator (eval mode), as from `checkpoint.load_models`.
-      encoder: the VAE encoder or None.
-
-    Attributes:
-      use_vae, use_instance, use_icpe, z_dim, output_size, num_classes: the generator's.
-    """
-
-    def __init__(self, generator: nnx.Module, encoder: nnx.Module | None = None):
-        self.use_vae = bool(generator.use_vae)
-        self.use_instance = bool(generator.use_instance)
-        self.use_icpe = bool(generator.use_icpe)
-        self.z_dim = int(generator.z_dim)
-        self.output_size = tuple(generator.output_size)
-        self.num_classes = int(generator.num_classes)
-        self.has_encoder = encoder is not None
-        # A copy with spectral norm folded (W / sigma once, not per call).
-        g_def, self._g_state = nnx.split(fold_spectral_norm(generator))
-        e_def, self._e_state = nnx.split(encoder) if encoder is not None else (None, None)
-        z_dim = self.z_dim
-
-        def run(g_state, e_state, labels, instance, icpe, style, keys):
-            g = nnx.merge(g_def, g_state)
-            z = None
-            if style is not None:  # posterior of the style image, one key per row
-                mu, logvar = nnx.merge(e_def, e_state)(style)
-                z = jax.vmap(reparameterize)(mu, logvar, keys)
-            elif g.use_vae:  # prior
-                z = jax.vmap(lambda k: jax.random.normal(k, (z_dim,), jnp.float32))(keys)
-            return g(labels, z=z, instance=instance, icpe=icpe)
-
-        self._run = jax.jit(run)
-
-    def __call__(
-        self,
-        labels: np.ndarray,
-        *,
-        instance: np.ndarray | None = None,
-        icpe: np.ndarray | None = None,
-        style: np.ndarray | None = None,
-        keys: jax.Array | None = None,
-    ) -> np.ndarray:
-        """Synthesize one batch.
-
-        Args:
-          labels: (N, H, W) int32 class ids, already validated, at `output_size`.
-          instance: (N, H, W) int instance ids (models with instance maps).
-          icpe: (N, H, W, 2) float32 ICPE maps (CLADE-ICPE models).
-          style: (N, H, W, 3) float32 images in [-1, 1] to encode (VAE models); z is drawn from
-            the encoder's posterior with `keys`.
-          keys: (N,) PRNG keys, one per row; required by VAE models (z from the prior or the
-            style posterior), ignored otherwise.
-
-        Returns:
-          (N, H, W, 3) float32 images in [-1, 1] (NumPy).
-        """
-        if style is not None and not self.has_encoder:
-            raise ValueError("style-guided synthesis needs a model with the VAE encoder")
-        if self.use_vae and keys is None:
-            raise ValueError("a VAE model needs keys= (one PRNG key per row) to draw z")
-        if not self.use_vae:
-            keys = None
-        labels = np.asarray(labels, np.int32)
-        if instance is not None and self.use_instance:
-            instance = np.asarray(instance, np.int32)
-        else:
-            instance = None
-        icpe = None if icpe is None or not self.use_icpe else np.asarray(icpe, np.float32)
-        out = self._run(self._g_state, self._e_state, labels, instance, icpe, style, keys)
-        return np.asarray(out)
-
-
-def load_inference_model(workdir: str, step: int | None = None, *, use_ema: bool = True):
-    """Restore a workdir for inference.
-
-    Args:
-      workdir: a training workdir or one written by `python -m clade_jax.convert`.
-      step: checkpoint step (default: the latest).
-      use_ema: use the EMA generator when the run kept one.
-
-    Returns:
-      (config, `InferenceModel`, step).
-    """
-    from clade_jax.training.checkpoint import load_models
-
-    config, g, e, step = load_models(workdir, step, use_ema=use_ema)
-    return config, InferenceModel(g, e), step
-
-
-def sample_keys(seed: int, sample: int, n: int) -> jax.Array:
-    """(n,) copies of the key of sample `sample`: `fold_in(PRNGKey(seed), sample)`."""
-    key = jax.random.fold_in(jax.random.key(seed), sample)
-    return jnp.stack([key] * n)
 
 
 # ----------------------------------------------------------------------------- inputs

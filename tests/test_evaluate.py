@@ -23,8 +23,8 @@ from clade_jax.configs import synthetic as synthetic_config
 from clade_jax.data import make_eval_iterator
 from clade_jax.evaluation import fid, segmentation
 from clade_jax.evaluation.evaluate import evaluate, fid_stats_stem
+from clade_jax.inference import to_uint8
 from clade_jax.models.encoder import reparameterize
-from clade_jax.synthesize import to_uint8
 from clade_jax.training import checkpoint
 from clade_jax.training.state import GANState
 

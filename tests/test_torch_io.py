@@ -1,4 +1,4 @@
-"""Tests of clade_jax.torch_io: PyTorch files written by hand here (no torch), then read back.
+"""Tests of clade_jax.convert.torch_io: PyTorch files written by hand (no torch), then read back.
 
 The files are built opcode by opcode with a tiny pickle emitter, in the layouts torch writes:
 zip (torch >= 1.6), legacy (torch < 1.6) and TorchScript. They cover several dtypes, a
@@ -16,7 +16,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from clade_jax import torch_io, weights
+from clade_jax import weights
+from clade_jax.convert import torch_io
 
 _STORAGE_NAMES = {
     np.dtype("f4"): "FloatStorage",

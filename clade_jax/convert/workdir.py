@@ -7,8 +7,8 @@ become our config (`config_from_options`), the networks are built from it, the w
 mapped in (`official.load_official_state`, every mismatch reported), and the whole training state
 is saved as step 0 of the workdir, so `evaluate.py`, `synthesize` and even `train.py` (fine-tuning)
 treat it like one of our own runs. A missing `_D` / `_E` leaves that network at the official
-initialisation (logged). `.pth` files are read without torch (`clade_jax.torch_io`); an `.npz`
-with the same names works as well.
+initialisation (logged). `.pth` files are read without torch (`clade_jax.convert.torch_io`); an
+`.npz` with the same names works as well.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def read_state(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".npz"):
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
-    from clade_jax.torch_io import load_torch_file
+    from clade_jax.convert.torch_io import load_torch_file
 
     return load_torch_file(path)
 

@@ -3,10 +3,9 @@
     from clade_jax.data import make_train_iterator, make_eval_iterator
     it = make_train_iterator(config.data, global_batch_size=32, seed=0)
 
-Modules: `sources` (folder and TFDS sources, validation), `synthetic` (procedural scenes and
-`colorize`), `transforms` (per-example augmentation), `pipeline` (grain iterators),
-`tfds_builder` + `prepare` (array_record ingestion), `ade20k_outdoor` (the outdoor subset tool),
-`classes` (class names).
+Modules: `sources` (folder and TFDS sources, validation), `synthetic` (procedural scenes),
+`transforms` (per-example augmentation), `pipeline` (grain iterators), `tfds_builder` + `prepare`
+(array_record ingestion), `ade20k_outdoor` (the outdoor subset tool), `classes` (class names).
 """
 
 from clade_jax.data.pipeline import (
@@ -16,13 +15,11 @@ from clade_jax.data.pipeline import (
     make_train_iterator,
 )
 from clade_jax.data.sources import DataError, make_source
-from clade_jax.data.synthetic import colorize
 
 __all__ = [
     "DataError",
     "build_eval_dataset",
     "build_train_dataset",
-    "colorize",
     "make_eval_iterator",
     "make_source",
     "make_train_iterator",

@@ -14,8 +14,7 @@ enough to exercise everything (don't-care pixels, instance maps, ICPE maps) at a
 * `generate_scene(index, height, width)` -> {'image', 'label', 'instance'}; deterministic per
   (seed, split, index); about 1 ms at 64x64.
 * `SyntheticSource`: a grain random-access source of such scenes.
-* `NUM_CLASSES`, `CLASS_NAMES`, `DONTCARE`, `PALETTE`, `colorize(labels)` (also for any other
-  number of classes, e.g. to show ADE20k label maps in image grids).
+* `NUM_CLASSES`, `CLASS_NAMES`, `DONTCARE`, `PALETTE` (`clade_jax.visualize.colorize` uses it).
 
 Instance ids follow the Cityscapes convention: stuff pixels carry their class id (< 1000), object
 instances (clouds, buildings, trees) carry `class_id * 1000 + k` with k >= 1.
@@ -24,8 +23,6 @@ instances (clouds, buildings, trees) carry `class_id * 1000 + k` with k >= 1.
 from __future__ import annotations
 
 import numpy as np
-
-from clade_jax.layers.labels import check_labels
 
 CLASS_NAMES = (
     "sky",
@@ -321,37 +318,3 @@ class SyntheticSource:
             f"SyntheticSource({self.split}, n={self.num_examples}, {self.height}x{self.width}, "
             f"instance={self.use_instance})"
         )
-
-
-def generic_palette(num_classes: int) -> np.ndarray:
-    """A fixed palette of `num_classes` well-separated colours, (num_classes, 3) uint8.
-
-    Uses the bit-interleaving scheme of the PASCAL VOC colour map: class 0 is black and the bits of
-    the class id are spread over the high bits of R, G and B, so neighbouring ids get very
-    different colours. Works for any number of classes.
-    """
-    ids = np.arange(num_classes, dtype=np.int64)
-    out = np.zeros((num_classes, 3), np.int64)
-    c = ids.copy()
-    for shift in range(7, -1, -1):
-        for ch in range(3):
-            out[:, ch] |= ((c >> ch) & 1) << shift
-        c >>= 3
-    return out.astype(np.uint8)
-
-
-def colorize(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Colour a label map for image grids: (..., H, W) int -> (..., H, W, 3) uint8.
-
-    Args:
-      labels: integer label map(s), values in [0, num_classes).
-      num_classes: `NUM_CLASSES` (the default) uses the synthetic scenes' `PALETTE`; any other
-        value uses `generic_palette(num_classes)`.
-
-    Returns:
-      uint8 RGB array. Raises ValueError naming the values if a label is out of range.
-    """
-    labels = np.asarray(labels)
-    check_labels(labels, num_classes, source="colorize")
-    palette = PALETTE if num_classes == NUM_CLASSES else generic_palette(num_classes)
-    return palette[labels]

@@ -221,8 +221,8 @@ def evaluate(
 
     from clade_jax.data import make_eval_iterator, make_source
     from clade_jax.evaluation import fid as fid_lib
-    from clade_jax.synthesize import load_inference_model, to_uint8
-    from clade_jax.training.loop import image_grid
+    from clade_jax.inference import load_inference_model, to_uint8
+    from clade_jax.visualize import image_grid
 
     start_time = time.time()
     custom = not isinstance(inception, (type(None), fid_lib.InceptionFeatures))

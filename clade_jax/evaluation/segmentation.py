@@ -38,6 +38,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from clade_jax.inference import to_uint8
+
 # The segmenters the papers used per data set (for the registry's error message and docs).
 PAPER_SEGMENTERS = {
     "ade20k": "upernet101 (CSAILVision semantic-segmentation-pytorch, UperNet-101)",
@@ -157,11 +159,9 @@ class Segmenter(Protocol):
 
 
 def images_to_uint8(images: np.ndarray) -> np.ndarray:
-    """uint8 images pass through; float images in [-1, 1] -> uint8 (rounded, clipped)."""
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images
-    return np.clip(np.rint((images.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """uint8 images pass through; float images in [-1, 1] -> uint8, rounded to nearest (the
+    inverse of the pipeline's `u8 / 127.5 - 1`: real photos come back bit-exact)."""
+    return to_uint8(images, "nearest")
 
 
 def images_to_float(images: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ an ImageNet-pretrained torchvision VGG19 on the fake and the real image with L1,
 normalisation (a quirk we keep). The real image's features carry no gradient.
 
 No weights can be downloaded here: `load_vgg19(path)` reads a torchvision `vgg19` state dict
-(`.pth`, read without torch by `clade_jax.torch_io`, or an `.npz` with the same names
+(`.pth`, read without torch by `clade_jax.convert.torch_io`, or an `.npz` with the same names
 `features.<i>.weight` / `features.<i>.bias`). Get one with
     python -c "import torch, torchvision; torch.save(torchvision.models.vgg19(
         weights='IMAGENET1K_V1').state_dict(), 'vgg19.pth')"
@@ -45,7 +45,7 @@ def load_vgg19(path: str | os.PathLike) -> dict[str, jnp.ndarray]:
         with np.load(path) as data:
             state = {k: data[k] for k in data.files}
     else:
-        from clade_jax.torch_io import load_torch_file
+        from clade_jax.convert.torch_io import load_torch_file
 
         state = load_torch_file(path)
     params = {}

@@ -117,15 +117,3 @@ def test_without_dontcare_no_pixel_is_dontcare():
     for i in range(30):
         assert not np.any(S.generate_scene(i, 32, 32, with_dontcare=False)["label"] == S.DONTCARE)
 
-
-def test_colorize_for_synthetic_and_any_number_of_classes():
-    lab = S.generate_scene(0, 16, 16)["label"]
-    np.testing.assert_array_equal(S.colorize(lab), S.PALETTE[lab])
-    batch = np.stack([lab, lab])
-    assert S.colorize(batch).shape == (2, 16, 16, 3)
-    palette = S.generic_palette(183)
-    assert len({tuple(c) for c in palette}) == 183
-    ade = np.array([[0, 150], [3, 42]])
-    assert S.colorize(ade, num_classes=151).shape == (2, 2, 3)
-    with pytest.raises(ValueError, match=r"colorize: 1 pixels .*: 151"):
-        S.colorize(np.array([[151]]), num_classes=151)

@@ -16,7 +16,7 @@ Buffers the eval forward never reads (`num_batches_tracked`; mit-semseg SyncBN's
 ignored, and are not required: older torch files lack `num_batches_tracked`.
 
 Published files (`load_published_state`), read with the project's torch-free reader
-(`clade_jax.torch_io`); nothing is ever downloaded:
+(`clade_jax.convert.torch_io`); nothing is ever downloaded:
 * upernet101: `encoder_epoch_50.pth` + `decoder_epoch_50.pth`, two state dicts without the
   `encoder.` / `decoder.` prefix (mit-semseg train.py saves them apart); given as a folder holding
   both or as the two paths (told apart by their contents).
@@ -34,7 +34,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from clade_jax import torch_io
+from clade_jax.convert import torch_io
 from clade_jax.evaluation.segmenters.resnet import Entry
 
 __all__ = ["PUBLISHED", "WeightsError", "entries", "load_published_state", "load_state"]
