@@ -41,7 +41,6 @@ module adds the file readers, the batching over files and the CLI.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from clade_jax.data.sources import DataError, label_encoding, read_id_map, read_image
+from clade_jax.data.decoding import label_encoding, read_id_map, read_image
+from clade_jax.data.layouts import DataError, natural_key
 from clade_jax.data.transforms import resize_ids, resize_image
 from clade_jax.inference import InferenceModel, load_inference_model, sample_keys, to_uint8
 from clade_jax.layers.labels import check_labels, icpe_offsets
@@ -77,7 +77,7 @@ def list_files(paths: str | os.PathLike | Sequence[str | os.PathLike], what: str
         if p.is_dir():
             files = sorted(
                 (f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES),
-                key=lambda f: _natural_key(f.name),
+                key=lambda f: natural_key(f.name),
             )
             if not files:
                 raise FileNotFoundError(
@@ -90,10 +90,6 @@ def list_files(paths: str | os.PathLike | Sequence[str | os.PathLike], what: str
         if not f.is_file():
             raise FileNotFoundError(f"{what} {f} does not exist")
     return files
-
-
-def _natural_key(text: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
 def read_label_map(
@@ -110,7 +106,7 @@ def read_label_map(
       config: the run's config (`data.num_classes`, the encoding fields, `data.label_resize`).
       size: (height, width) of the model's output.
       encoding: "ids" (pixel values are class ids in [0, num_classes)) or "dataset" (the data
-        set's PNG encoding, `clade_jax.data.sources.label_encoding`).
+        set's PNG encoding, `clade_jax.data.decoding.label_encoding`).
 
     Returns:
       (height, width) int32 class ids.

@@ -15,7 +15,7 @@ from PIL import Image
 
 from clade_jax.configs import synthetic as synthetic_config
 from clade_jax.data import synthetic
-from clade_jax.data.sources import DataError
+from clade_jax.data.layouts import DataError
 from clade_jax.inference import InferenceModel, load_inference_model, to_uint8
 from clade_jax.layers.labels import icpe_offsets
 from clade_jax.models.encoder import reparameterize

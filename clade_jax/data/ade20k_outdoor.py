@@ -32,7 +32,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from clade_jax.data.classes import ADE20K_CLASSES
-from clade_jax.data.sources import SPLITS, ExampleFiles, FolderLayout, list_examples, read_id_map
+from clade_jax.data.decoding import read_id_map
+from clade_jax.data.layouts import SPLITS, ExampleFiles, FolderLayout, list_examples
 
 OUTDOOR_CLASSES = ("sky", "tree", "sea")
 _FOLDERS = {"train": "training", "validation": "validation"}

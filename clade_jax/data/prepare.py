@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from clade_jax.data.sources import FOLDER_DATASETS, SPLITS, FolderLayout, LabelEncoding
+from clade_jax.data.decoding import LabelEncoding
+from clade_jax.data.layouts import FOLDER_DATASETS, SPLITS, FolderLayout
 
 # (num_classes, dontcare_label, label_255_to) per data set, as in the official loaders.
 LABEL_DEFAULTS = {

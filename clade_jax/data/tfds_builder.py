@@ -9,7 +9,7 @@ bytes of a file given by path) plus the example's name:
     instance: Image (png, 1 channel, uint16) -- only when prepared with instance maps.
 
 Why bytes and not decoded arrays: it keeps the prepared data as small as the download, and reading
-decodes with exactly the functions the folder source uses (`sources.decode_example`), so both
+decodes with exactly the functions the folder source uses (`decoding.decode_example`), so both
 sources give identical examples. Examples keep the folder order (`disable_shuffling`), so the same
 index means the same example in both. Writing array_record and reading it back needs no TensorFlow.
 
@@ -26,15 +26,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from clade_jax.data.sources import (
-    FOLDER_DATASETS,
-    SPLITS,
-    DataError,
-    FolderLayout,
-    LabelEncoding,
-    list_examples,
-    read_id_map,
-)
+from clade_jax.data.decoding import LabelEncoding, read_id_map
+from clade_jax.data.layouts import FOLDER_DATASETS, SPLITS, DataError, FolderLayout, list_examples
 
 TFDS_NAME = "semantic_synthesis"
 VERSION = "1.0.0"

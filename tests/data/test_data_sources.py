@@ -18,7 +18,9 @@ from data_fakes import (
 )
 from PIL import Image
 
-from clade_jax.data.sources import DataError, LabelEncoding, make_source
+from clade_jax.data.decoding import LabelEncoding
+from clade_jax.data.layouts import DataError
+from clade_jax.data.sources import make_source
 
 
 def _check_same(source, written, split, remap=lambda raw: raw, with_instance=False):

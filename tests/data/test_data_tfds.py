@@ -23,8 +23,10 @@ from data_fakes import (
 from PIL import Image
 
 from clade_jax.data import pipeline
+from clade_jax.data.decoding import label_encoding
+from clade_jax.data.layouts import DataError, FolderLayout
 from clade_jax.data.prepare import prepare
-from clade_jax.data.sources import DataError, FolderLayout, label_encoding, make_source
+from clade_jax.data.sources import make_source
 
 
 def _prepare(cfg, data_dir, **kwargs):

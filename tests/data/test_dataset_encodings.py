@@ -30,7 +30,8 @@ from PIL import Image
 
 from clade_jax.configs import ade20k, ade20k_outdoor, cityscapes, coco_stuff, custom, synthetic
 from clade_jax.data import synthetic as synthetic_data
-from clade_jax.data.sources import DataError, make_source
+from clade_jax.data.layouts import DataError
+from clade_jax.data.sources import make_source
 
 
 def _shipped(module, root: str, **overrides):
