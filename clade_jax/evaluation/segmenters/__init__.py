@@ -45,6 +45,7 @@ __all__ = [
     "PUBLISHED",
     "Segmenter",
     "WeightsError",
+    "abstract",
     "build",
     "convert",
     "from_official",
@@ -81,14 +82,27 @@ def _arch_kwargs(name: str, config: Mapping) -> dict:
 
 
 def build(name: str, *, seed: int = 0, **config) -> nnx.Module:
-    """The bare network, randomly initialised (He-normal convs, identity BatchNorm)."""
+    """The bare network, randomly initialised (`convert.random_state`: He-normal convs,
+    identity BatchNorm), built abstractly and filled from NumPy (no per-layer compiles)."""
+    kwargs = _arch_kwargs(name, config)
+    net = _abstract(name, kwargs)
+    convert.load_state(net, convert.random_state(net, seed), network=name, source="random init")
+    return net
+
+
+def abstract(name: str, **config) -> nnx.Module:
+    """The network with abstract variables (`nnx.eval_shape`): shapes and names, no memory."""
+    return _abstract(name, _arch_kwargs(name, config))
+
+
+def _abstract(name: str, kwargs: dict) -> nnx.Module:
     cls, _, _ = _network(name)
-    return cls(**_arch_kwargs(name, config), rngs=nnx.Rngs(seed))
+    return nnx.eval_shape(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
 
 
 def parameter_count(name: str, **config) -> int:
     """Number of parameters (as torch's `parameters()`), counted with `nnx.eval_shape`."""
-    abstract = nnx.eval_shape(lambda: build(name, **config))
+    abstract = _abstract(name, _arch_kwargs(name, config))
     leaves = jax.tree_util.tree_leaves(nnx.state(abstract, nnx.Param))
     return sum(int(np.prod(v.shape)) for v in leaves)
 
@@ -112,8 +126,11 @@ def from_official(
       WeightsError: the state does not fit (unknown / missing names, shapes, class count).
     """
     _, _, seg_cls = _network(name)
-    net = build(name, **config)
-    if state is not None:
+    if state is None:
+        net = build(name, **config)
+    else:
+        # Every variable comes from the state: build abstractly, then fill in (no init cost).
+        net = _abstract(name, _arch_kwargs(name, config))
         convert.load_state(net, state, network=name, source=source)
     return seg_cls(net)
 

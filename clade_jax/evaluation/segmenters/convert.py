@@ -37,7 +37,15 @@ import numpy as np
 from clade_jax.convert import torch_io
 from clade_jax.evaluation.segmenters.resnet import Entry
 
-__all__ = ["PUBLISHED", "WeightsError", "entries", "load_published_state", "load_state"]
+__all__ = [
+    "PUBLISHED",
+    "WeightsError",
+    "check_state",
+    "entries",
+    "load_published_state",
+    "load_state",
+    "random_state",
+]
 
 
 class WeightsError(ValueError):
@@ -87,6 +95,29 @@ def entries(model) -> dict[str, Entry]:
     return out
 
 
+def random_state(model, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random official state dict for `model` (NumPy, fast): He-normal (fan_in) conv weights,
+    zero conv biases, identity BatchNorm, and DRN's fixed bilinear `up.weight`."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, e in entries(model).items():
+        if e.variable is None:
+            continue
+        shape = e.torch_shape
+        if name.endswith("up.weight") and len(shape) == 4 and shape[1] == 1:
+            from clade_jax.evaluation.segmenters.drn import bilinear_up_kernel
+
+            out[name] = np.broadcast_to(bilinear_up_kernel(shape[-1]), shape).copy()
+        elif len(shape) == 4:
+            fan_in = int(np.prod(shape[1:]))
+            out[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        elif name.endswith(("running_var", ".weight")):
+            out[name] = np.ones(shape, np.float32)  # BN scale / running variance
+        else:
+            out[name] = np.zeros(shape, np.float32)  # BN bias / mean, conv bias
+    return out
+
+
 def _strip_module_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if state and all(k.startswith("module.") for k in state):
         return {k[len("module.") :]: v for k, v in state.items()}
@@ -104,16 +135,19 @@ def _looks_like(state: Mapping[str, np.ndarray]) -> str | None:
     return None
 
 
-def load_state(
+def check_state(
     model, state: Mapping[str, np.ndarray], *, network: str, source: str = "state"
-) -> None:
-    """Copy an official state dict into `model` in place, after checking all of it.
+) -> dict[str, np.ndarray]:
+    """Check an official state dict against `model` (abstract is fine) without loading it.
 
     Args:
-      model: a segmenter network (`UperNet101`, `DeepLabV2`, `DRNSeg`).
-      state: {torch name: array}.
+      model: a segmenter network (`UperNet101`, `DeepLabV2`, `DRNSeg`), maybe from eval_shape.
+      state: {torch name: array} (anything with `.shape` works: names and shapes are checked).
       network: its registry name, for the messages.
       source: what the state came from (a file name), for the messages.
+
+    Returns:
+      {name: array} of the entries to load (the ignored buffers left out).
 
     Raises:
       WeightsError: unknown / missing names or wrong shapes, all listed.
@@ -156,9 +190,25 @@ def load_state(
         raise WeightsError(
             f"{source} does not fit {network} as configured:\n  " + "\n  ".join(problems)
         )
+    return values
+
+
+def load_state(
+    model, state: Mapping[str, np.ndarray], *, network: str, source: str = "state"
+) -> None:
+    """Copy an official state dict into `model` in place, after `check_state` passes on all of it.
+
+    Raises:
+      WeightsError: unknown / missing names or wrong shapes, all listed.
+    """
+    values = check_state(model, state, network=network, source=source)
+    expected = entries(model)
     for name, array in values.items():
         e = expected[name]
-        e.variable.value = jnp.asarray(e.to_ours(np.asarray(array, np.float32)), jnp.float32)
+        e.variable.set_value(jnp.asarray(e.to_ours(np.asarray(array, np.float32)), jnp.float32))
+    unset = [k for k, e in expected.items() if e.variable is not None and k not in values]
+    if unset:  # cannot happen after the checks above; an abstract model must be filled in fully
+        raise AssertionError(f"variables left unset: {unset}")
 
 
 def _listing(names: Sequence[str], limit: int = 12) -> str:
@@ -222,6 +272,9 @@ def load_published_state(
         paths = [paths[0] / f for f in files]
     if len(paths) != 2:
         raise WeightsError(f"upernet101 weights are two files ({files[0]}, {files[1]})")
+    for p in paths:  # name every missing file before reading any
+        if not p.is_file():
+            raise _missing_file(network, p)
     parts = [_read(network, p) for p in paths]
     state: dict[str, np.ndarray] = {}
     kinds = []

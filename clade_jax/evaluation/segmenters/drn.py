@@ -153,7 +153,7 @@ class DRNSeg(nnx.Module):
         pad = UP_KERNEL - 1 - UP_PADDING
         return jax.lax.conv_general_dilated(
             x,
-            self.up.value[::-1, ::-1],
+            self.up[::-1, ::-1],
             window_strides=(1, 1),
             padding=((pad, pad), (pad, pad)),
             lhs_dilation=(UP_STRIDE, UP_STRIDE),

@@ -25,6 +25,7 @@ __all__ = [
     "CITYSCAPES_LABELID_TO_TRAINID",
     "DATASET_OF",
     "IGNORE",
+    "MIOU_CONVENTIONS",
     "NUM_CLASSES",
     "confusion_matrix",
     "labels_for",
@@ -101,16 +102,45 @@ def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int) -> jax
     return counts[:-1].reshape(num_classes, num_classes).astype(jnp.int32)
 
 
-def scores_from_confusion(hist) -> dict[str, np.ndarray | float]:
-    """Pixel accuracy, mean accuracy, per-class IoU and mIoU (over classes present) from counts."""
+MIOU_CONVENTIONS = {"ade20k": "mit", "cocostuff": "deeplab", "cityscapes": "drn"}
+
+
+def scores_from_confusion(hist, convention: str) -> dict[str, np.ndarray | float]:
+    """The official metrics from (K, K) counts [label, pred] (summed over the whole data set).
+
+    The three codebases average class IoUs differently (only classes absent from the data
+    set matter, which happens on small subsets):
+
+    * "mit" (mit-semseg eval.py, ADE20K): IoU = I / (U + 1e-10) for every class, mean over all K
+      (a class absent from labels and predictions counts as 0).
+    * "deeplab" (deeplab-pytorch libs/utils/metric.py, COCO-Stuff): mean over the classes that
+      have label pixels; also frequency-weighted IoU.
+    * "drn" (fyu/drn per_class_iu + nanmean, Cityscapes): mean over classes with a non-empty union.
+
+    Returns:
+      {"pixel_acc", "mean_acc" (nanmean of per-class accuracy), "class_iou" (K,), "mean_iou",
+       "fw_iou"}; class_iou is NaN where the union is empty ("mit": 0).
+    """
+    if convention not in ("mit", "deeplab", "drn"):
+        raise ValueError(f"unknown mIoU convention {convention!r}: mit, deeplab or drn")
     hist = np.asarray(hist, np.float64)
-    diag = np.diag(hist)
+    diag, gt, pr = np.diag(hist), hist.sum(axis=1), hist.sum(axis=0)
+    union = gt + pr - diag
     with np.errstate(divide="ignore", invalid="ignore"):
-        acc_cls = diag / hist.sum(axis=1)
-        iou = diag / (hist.sum(axis=1) + hist.sum(axis=0) - diag)
+        acc_cls = diag / gt
+        iou = diag / union
+        if convention == "mit":
+            iou = diag / (union + 1e-10)
+            mean_iou = float(iou.mean())
+        elif convention == "deeplab":
+            mean_iou = float(np.nanmean(iou[gt > 0])) if (gt > 0).any() else float("nan")
+        else:
+            mean_iou = float(np.nanmean(iou)) if (union > 0).any() else float("nan")
+        freq = gt / max(hist.sum(), 1.0)
     return {
         "pixel_acc": float(diag.sum() / max(hist.sum(), 1.0)),
-        "mean_acc": float(np.nanmean(acc_cls)) if np.isfinite(acc_cls).any() else float("nan"),
+        "mean_acc": float(np.nanmean(acc_cls)) if (gt > 0).any() else float("nan"),
         "class_iou": iou,
-        "mean_iou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+        "mean_iou": mean_iou,
+        "fw_iou": float((freq[freq > 0] * iou[freq > 0]).sum()),
     }

@@ -58,7 +58,7 @@ def _same(w: np.ndarray) -> np.ndarray:
 
 
 def _shape(v: nnx.Variable) -> tuple[int, ...]:
-    return tuple(int(s) for s in v.value.shape)
+    return tuple(int(s) for s in v.get_value().shape)
 
 
 class Conv2d(nnx.Module):
@@ -90,7 +90,7 @@ class Conv2d(nnx.Module):
         p = self.padding
         y = jax.lax.conv_general_dilated(
             x,
-            self.kernel.value,
+            self.kernel[...],
             window_strides=(self.stride, self.stride),
             padding=((p, p), (p, p)),
             rhs_dilation=(self.dilation, self.dilation),
@@ -99,7 +99,7 @@ class Conv2d(nnx.Module):
             precision=HIGHEST,
         )
         if self.bias is not None:
-            y = y + self.bias.value
+            y = y + self.bias[...]
         return y
 
     def torch_entries(self, prefix: str) -> Iterator[Entry]:
@@ -126,8 +126,8 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # torch's CPU eval kernel: alpha = w / sqrt(var + eps); y = x * alpha + (b - mean * alpha)
-        alpha = self.scale.value / jnp.sqrt(self.var.value + self.eps)
-        beta = self.bias.value - self.mean.value * alpha
+        alpha = self.scale[...] / jnp.sqrt(self.var[...] + self.eps)
+        beta = self.bias[...] - self.mean[...] * alpha
         return x * alpha + beta
 
     def torch_entries(self, prefix: str) -> Iterator[Entry]:

@@ -83,6 +83,15 @@ class Segmenter:
         """Official submodule outputs {torch module name: NHWC array} for a preprocessed input."""
         return self._features(self._state, jnp.asarray(x, jnp.float32))
 
+    @functools.cached_property
+    def _forward(self):
+        return jax.jit(lambda state, x: self._merge(state)(x))
+
+    def forward(self, x):
+        """The bare network's output for a preprocessed NHWC input (jitted): UperNet logits at
+        1/4, DeepLab base logits at 1/8, DRN (log_probs at 8 x 1/8, logits at 1/8)."""
+        return self._forward(self._state, jnp.asarray(x, jnp.float32))
+
     def scores(self, images, label_size, multiscale: bool = False) -> jax.Array:
         """uint8 RGB (N, H, W, 3) -> (N, h, w, num_classes) float32 official scores."""
         raise NotImplementedError
@@ -143,6 +152,14 @@ class DeepLabSegmenter(Segmenter):
             return taps
 
         return jax.jit(run)
+
+    @functools.cached_property
+    def _msc_logits(self):
+        return jax.jit(lambda state, x: deeplab.msc_logits(self._merge(state), x))
+
+    def msc_logits(self, x) -> jax.Array:
+        """The MSC model's logits (max over scales, at 1/8) for a preprocessed input."""
+        return self._msc_logits(self._state, jnp.asarray(x, jnp.float32))
 
     def msc_features(self, x) -> dict[str, jax.Array]:
         """Taps of the MSC forward: the full-scale ones, `scale<p>/<name>` and `input_scale<p>`."""
