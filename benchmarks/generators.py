@@ -18,10 +18,10 @@ medians, the ratios CLADE/SPADE, CLADE/floor, pix2pixHD/CLADE and folded/unfolde
 them to `benchmarks/RESULTS.md` with the date, jax version, device, load average and XLA_FLAGS.
 
 `--backend_compare` instead runs the benchmark in subprocesses that alternate between XLA:CPU's
-Eigen convolutions (what `import clade_jax` selects: `--xla_cpu_experimental_ynn_fusion_type=`)
-and YNNPACK (jaxlib 0.10's default; `CLADE_JAX_KEEP_XLA_FLAGS=1` and the flag absent), since a
-flag cannot change inside a process, and reports the per-model ratios Eigen / YNNPACK (medians
-over the subprocess runs).
+Eigen convolutions (what `clade_jax.backend.configure_cpu_backend` selects:
+`--xla_cpu_experimental_ynn_fusion_type=`) and YNNPACK (jaxlib 0.10's default;
+`CLADE_JAX_KEEP_XLA_FLAGS=1` and the flag absent), since a flag cannot change inside a process,
+and reports the per-model ratios Eigen / YNNPACK (medians over the subprocess runs).
 
     python benchmarks/generators.py [--rounds N] [--infer_rounds N] [--no_train] [--no_unfolded]
     python benchmarks/generators.py --backend_compare [--runs N] [--rounds N] [--no_train]
@@ -114,7 +114,6 @@ def measure(
     import jax.numpy as jnp
     from flax import nnx
 
-    import clade_jax  # noqa: F401  (sets the Eigen flag unless CLADE_JAX_KEEP_XLA_FLAGS=1)
     from clade_jax.configs import ade20k
     from clade_jax.layers.conv import fold_spectral_norm
     from clade_jax.models.build import build_generator
@@ -311,7 +310,7 @@ process's CPU time per call (all threads): under load from other jobs the latter
   removed). Ratios CLADE/SPADE, CLADE/floor, pix2pixHD/CLADE, folded/unfolded.
 * `python benchmarks/generators.py --backend_compare [--runs N] [--models CLADE,floor]
   [--no_train]`: the same in subprocesses that alternate XLA:CPU's Eigen convolutions (what
-  `import clade_jax` selects) and YNNPACK (jaxlib's default); ratios Eigen/YNNPACK. About 12
+  `configure_cpu_backend` selects) and YNNPACK (jaxlib's default); ratios Eigen/YNNPACK. About 12
   minutes with all three models and training; `--no_train` or `--models` shorten it.
 """
 
@@ -353,4 +352,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from clade_jax.backend import configure_cpu_backend
+
+    configure_cpu_backend()
     main()

@@ -133,4 +133,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from clade_jax.backend import configure_cpu_backend
+
+    configure_cpu_backend()
     main()

@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
+from clade_jax import backend
+
 FLAGS = flags.FLAGS
 if "traceback" not in FLAGS:
     flags.DEFINE_bool("traceback", False, "show the Python traceback of a user error")
@@ -182,6 +184,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
     """`absl.app.run(main)` with this module's logging, user errors and `--traceback`."""
+
+    backend.configure_cpu_backend()  # before JAX initialises its backends
 
     def wrapped(args: list[str]):
         setup_logging(FLAGS.verbosity)

@@ -100,4 +100,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", "workdirs/demo", "where the demo writes")
     flags.DEFINE_integer("steps", None, "override the CLADE training steps")
     flags.DEFINE_integer("segmenter_steps", 600, "segmenter training steps")
+    from clade_jax.backend import configure_cpu_backend
+
+    configure_cpu_backend()
     app.run(main)

@@ -333,5 +333,8 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from clade_jax.backend import configure_cpu_backend
+
+    configure_cpu_backend()
     _define_flags()
     app.run(main)

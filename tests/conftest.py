@@ -8,6 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clade_jax.backend import configure_cpu_backend
+
+configure_cpu_backend()  # the entry points' CPU back-end choice (Eigen), before JAX starts
+
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from clade_jax.configs import synthetic as synthetic_config
 from clade_jax.data import make_eval_iterator
-from clade_jax.evaluation import fid, segmentation
+from clade_jax.evaluation import fid, registry, segmentation
 from clade_jax.evaluation.evaluate import evaluate, fid_stats_stem
 from clade_jax.inference import to_uint8
 from clade_jax.models.encoder import reparameterize
@@ -64,8 +64,8 @@ def constant_segmenter(calls: list) -> segmentation.CallableSegmenter:
     return segmentation.CallableSegmenter(fn, 10, input_format="uint8")
 
 
-if "eval_test_constant" not in segmentation.available_segmenters():
-    segmentation.register_segmenter("eval_test_constant")(lambda: constant_segmenter([]))
+if "eval_test_constant" not in registry.available_segmenters():
+    registry.register_segmenter("eval_test_constant")(lambda: constant_segmenter([]))
 
 
 def colour_features(images: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from clade_jax.configs import segmenter as segmenter_config
+from clade_jax.evaluation import registry
 from clade_jax.evaluation import segmentation as seg
 
 # ----------------------------------------------------------------------------- metrics
@@ -153,18 +154,18 @@ def test_evaluate_batches_of_the_pipeline_format():
 
 
 def test_registry():
-    assert "builtin" in seg.available_segmenters()
+    assert "builtin" in registry.available_segmenters()
     with pytest.raises(KeyError, match="upernet101"):
-        seg.get_segmenter("upernet101")
-    seg.register_segmenter("test_constant")(
+        registry.get_segmenter("upernet101")
+    registry.register_segmenter("test_constant")(
         lambda num_classes: seg.CallableSegmenter(
             lambda x: np.zeros((*x.shape[:3], num_classes)), num_classes
         )
     )
-    s = seg.get_segmenter("test_constant", num_classes=3)
+    s = registry.get_segmenter("test_constant", num_classes=3)
     assert s.num_classes == 3
     with pytest.raises(ValueError, match="already registered"):
-        seg.register_segmenter("test_constant")(lambda: None)
+        registry.register_segmenter("test_constant")(lambda: None)
 
 
 # ----------------------------------------------------------------------------- the segmenter
@@ -225,4 +226,4 @@ def test_train_segmenter_on_synthetic_scenes(tmp_path):
     assert "train/loss" not in again
     assert again["eval/miou"] == pytest.approx(out["eval/miou"])
     # The registry's "builtin" entry is the same thing.
-    assert seg.get_segmenter("builtin", workdir=str(tmp_path)).num_classes == 10
+    assert registry.get_segmenter("builtin", workdir=str(tmp_path)).num_classes == 10

@@ -17,4 +17,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from clade_jax.backend import configure_cpu_backend
+
+    configure_cpu_backend()
     app.run(main)

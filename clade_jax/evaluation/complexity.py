@@ -760,4 +760,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from clade_jax.backend import configure_cpu_backend
+
+    configure_cpu_backend()
     main()

@@ -50,7 +50,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from clade_jax.evaluation import segmentation
+from clade_jax.evaluation import registry, segmentation
 
 # Data-config fields that do not change the real validation images (left out of the FID cache key).
 _NOT_IMAGE_FIELDS = (
@@ -128,7 +128,7 @@ def resolve_segmenter(
     """The segmenter to score with, and a description of it for the JSON.
 
     Args:
-      segmenter: a `Segmenter`, a registry name (`segmentation.get_segmenter`), or None.
+      segmenter: a `Segmenter`, a registry name (`registry.get_segmenter`), or None.
       segmenter_workdir: workdir of the builtin segmenter (passed as `workdir=` to a named one);
         None falls back to `config.eval.segmenter_workdir`.
       config: the run's config.
@@ -144,7 +144,7 @@ def resolve_segmenter(
     if name is None:
         return None, None
     kwargs = {"workdir": segmenter_workdir} if segmenter_workdir else {}
-    seg = segmentation.get_segmenter(name, **kwargs)
+    seg = registry.get_segmenter(name, **kwargs)
     seg_config = getattr(seg, "config", None)
     if seg_config is not None:
         theirs, ours = seg_config.data.dataset, config.data.dataset

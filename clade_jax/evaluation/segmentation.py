@@ -10,9 +10,8 @@ depend on which segmenter is used:
 * `segmentation_metrics(conf)`: mIoU, pixel accuracy, mean class accuracy, frequency-weighted IoU
   and the per-class values.
 * `Segmenter`: the protocol every segmenter follows (`num_classes`, `__call__(images) -> logits`),
-  `CallableSegmenter` to adapt any function, and a registry (`register_segmenter`,
-  `get_segmenter`) through which the papers' networks can be plugged in once ported. The built-in
-  trainable segmenter (`clade_jax.evaluation.segmenter`) is registered as "builtin".
+  `CallableSegmenter` to adapt any function. Segmenters by name (the built-in trainable one as
+  "builtin") are `clade_jax.evaluation.registry`'s.
 * `evaluate_segmentation(segmenter, images, labels, ...)` (arrays) and `evaluate_batches` (the
   data pipeline's batch dicts): segment, accumulate, score.
 
@@ -208,54 +207,6 @@ class CallableSegmenter:
         step = self.batch_size if self.batch_size > 0 else len(images)
         outs = [np.asarray(self.fn(images[i : i + step])) for i in range(0, len(images), step)]
         return np.concatenate(outs, axis=0)
-
-
-_REGISTRY: dict[str, Callable[..., Segmenter]] = {}
-
-
-def register_segmenter(name: str) -> Callable:
-    """Decorator: `@register_segmenter("upernet101")` on a factory `(**kwargs) -> Segmenter`."""
-
-    def wrap(factory: Callable[..., Segmenter]) -> Callable[..., Segmenter]:
-        if name in _REGISTRY:
-            raise ValueError(f"segmenter {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def available_segmenters() -> list[str]:
-    """Names accepted by `get_segmenter`."""
-    return sorted(_REGISTRY)
-
-
-def get_segmenter(name: str, **kwargs) -> Segmenter:
-    """Builds a registered segmenter, e.g. `get_segmenter("builtin", workdir=...)`.
-
-    Args:
-      name: registry name.
-      **kwargs: passed to the factory.
-
-    Returns:
-      A `Segmenter`.
-    """
-    if name not in _REGISTRY:
-        paper = "; ".join(f"{d}: {s}" for d, s in PAPER_SEGMENTERS.items())
-        raise KeyError(
-            f"no segmenter named {name!r}; available: {available_segmenters()}. The papers' "
-            f"segmenters ({paper}) are not ported yet: register a factory with "
-            "`register_segmenter` (e.g. wrapping a converted network in `CallableSegmenter`)."
-        )
-    return _REGISTRY[name](**kwargs)
-
-
-@register_segmenter("builtin")
-def _builtin(workdir: str, **kwargs) -> Segmenter:
-    """The segmenter trained by `clade_jax.evaluation.segmenter.train_segmenter` in `workdir`."""
-    from clade_jax.evaluation.segmenter import load_segmenter  # heavy imports only when used
-
-    return load_segmenter(workdir, **kwargs)
 
 
 # ----------------------------------------------------------------------------- evaluation
