@@ -17,7 +17,8 @@ option names and copies every array in, with an explicit name map:
 
 Two linear layers also change their feature order from NCHW to NHWC flattening: the VAE
 generator's `fc` output (viewed as (16nf, sh, sw) officially) and the encoder heads' input.
-`num_batches_tracked` is ignored (the momentum update does not use it).
+`num_batches_tracked` is ignored (the momentum update does not use it). The networks are built
+from the options by way of a config (`config_from_options`, then `clade_jax.models.build`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ import re
 from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from clade_jax import configs
 from clade_jax.layers.clade import CLADE, ClassAffine
 from clade_jax.layers.conv import Conv2d, Linear
 from clade_jax.layers.normalization import ParamFreeNorm
 from clade_jax.layers.spade import SPADE
-from clade_jax.models.discriminator import DLayer, MultiscaleDiscriminator
+from clade_jax.models.build import build_discriminator, build_encoder, build_generator
+from clade_jax.models.discriminator import DLayer
 from clade_jax.models.encoder import ConvEncoder, EncoderLayer
 from clade_jax.models.generator import Generator
 
@@ -98,29 +102,74 @@ def param_free_norm_from(norm_g: str) -> str:
     return kind
 
 
-def generator_kwargs(options: Mapping) -> dict:
-    """Our `Generator` arguments from official option names."""
-    net = options.get("netG", "spade")
-    if net != "spade":
-        raise ValueError(f"unsupported netG {net!r}: only the SPADE/CLADE generator converts")
+DATASET_CONFIGS = {
+    "ade20k": "ade20k",
+    "coco": "coco_stuff",
+    "cityscapes": "cityscapes",
+    "custom": "custom",
+}
+
+
+def config_from_options(options: Mapping) -> ml_collections.ConfigDict:
+    """Our config for the official options (dataset preset first, then every option that has a
+    counterpart). `models.build` turns it into modules: the one route from options to networks.
+
+    Raises:
+      ValueError: an option without a clade_jax counterpart (netG, norm_G), named.
+    """
+    mode = options.get("dataset_mode", "custom")
+    base = DATASET_CONFIGS.get(mode, "custom")
+    c = configs.load(base)
+    d, m = c.data, c.model
+    d.num_classes = num_classes_from(options)
+    d.dontcare_label = int(options["label_nc"]) if options.get("contain_dontcare_label") else -1
+    d.use_instance = not options.get("no_instance", False)
+    d.icpe = bool(options.get("add_dist", False))
+    d.crop_size = int(options.get("crop_size", d.crop_size))
+    d.load_size = int(options.get("load_size", d.load_size))
+    d.aspect_ratio = float(options.get("aspect_ratio", d.aspect_ratio))
+    preprocess = options.get("preprocess_mode", d.preprocess)
+    d.preprocess = "fixed" if preprocess.startswith("fixed") else "resize_and_crop"
+    d.flip = not options.get("no_flip", False)
+    if options.get("dataroot"):
+        d.root = str(options["dataroot"])
+    if options.get("netG", "spade") != "spade":
+        raise ValueError(
+            f"unsupported netG {options['netG']!r}: only the SPADE/CLADE generator converts"
+        )
+    m.generator = "spade"
+    m.norm = options.get("norm_mode", "spade")
     norm_g = options.get("norm_G", "spectralspadesyncbatch3x3")
-    return dict(
-        num_classes=num_classes_from(options),
-        norm=options.get("norm_mode", "spade"),
-        param_free_norm=param_free_norm_from(norm_g),
-        ngf=int(_opt(options, "ngf", 64)),
-        crop_size=int(_opt(options, "crop_size")),
-        aspect_ratio=float(_opt(options, "aspect_ratio", 1.0)),
-        num_upsampling_layers=options.get("num_upsampling_layers", "normal"),
-        use_vae=bool(options.get("use_vae", False)),
-        z_dim=int(options.get("z_dim", 256)),
-        use_instance=not options.get("no_instance", False),
-        icpe=bool(options.get("add_dist", False)),
-        spectral_norm="spectral" in norm_g,
+    m.param_free_norm = param_free_norm_from(norm_g)
+    m.spectral_norm = "spectral" in norm_g
+    m.ngf = int(options.get("ngf", m.ngf))
+    m.num_upsampling_layers = options.get("num_upsampling_layers", m.num_upsampling_layers)
+    m.use_vae = bool(options.get("use_vae", False))
+    m.z_dim = int(options.get("z_dim", m.z_dim))
+    m.ndf = int(options.get("ndf", m.ndf))
+    m.n_layers_D = int(options.get("n_layers_D", m.n_layers_D))
+    m.num_D = int(options.get("num_D", m.num_D))
+    c.loss.lambda_feat = float(options.get("lambda_feat", c.loss.lambda_feat))
+    c.loss.lambda_vgg = (
+        0.0 if options.get("no_vgg_loss") else float(options.get("lambda_vgg", c.loss.lambda_vgg))
     )
+    c.loss.lambda_kld = float(options.get("lambda_kld", c.loss.lambda_kld))
+    lr = float(options.get("lr", 2e-4))
+    if options.get("no_TTUR", False):
+        c.optim.lr_g = c.optim.lr_d = lr
+        c.optim.beta1, c.optim.beta2 = 0.5, 0.999
+    else:
+        c.optim.lr_g, c.optim.lr_d = lr / 2, lr * 2
+        c.optim.beta1 = float(options.get("beta1", 0.0))
+        c.optim.beta2 = float(options.get("beta2", 0.9))
+    c.batch_size = int(options.get("batchSize", c.batch_size))
+    c.num_epochs = int(options.get("niter", c.num_epochs))
+    c.num_decay_epochs = int(options.get("niter_decay", c.num_decay_epochs))
+    return c
 
 
-def discriminator_kwargs(options: Mapping) -> dict:
+def check_discriminator_options(options: Mapping) -> None:
+    """The official discriminator options `MultiscaleDiscriminator` reproduces, or ValueError."""
     if (
         options.get("netD", "multiscale") != "multiscale"
         or options.get("netD_subarch", "n_layer") != "n_layer"
@@ -128,20 +177,13 @@ def discriminator_kwargs(options: Mapping) -> dict:
         raise ValueError("only the multiscale n_layer discriminator converts")
     if options.get("norm_D", "spectralinstance") != "spectralinstance":
         raise ValueError(f"unsupported norm_D {options.get('norm_D')!r} (need spectralinstance)")
-    return dict(
-        num_classes=num_classes_from(options),
-        use_instance=not options.get("no_instance", False),
-        ndf=int(options.get("ndf", 64)),
-        n_layers=int(options.get("n_layers_D", 4)),
-        num_D=int(options.get("num_D", 2)),
-    )
 
 
-def encoder_kwargs(options: Mapping) -> dict:
+def check_encoder_options(options: Mapping) -> None:
+    """The official encoder options our `ConvEncoder` reproduces (its width is ngf: the official
+    --nef option is unused), or ValueError."""
     if options.get("norm_E", "spectralinstance") != "spectralinstance":
         raise ValueError(f"unsupported norm_E {options.get('norm_E')!r} (need spectralinstance)")
-    # The official encoder's width is ngf (its --nef option is unused).
-    return dict(ndf=int(options.get("ngf", 64)), crop_size=int(_opt(options, "crop_size")))
 
 
 # ----------------------------------------------------------------------------- name map
@@ -248,15 +290,24 @@ def official_name_map(model: nnx.Module) -> dict[str, tuple[tuple, Callable]]:
 def build(
     options: Mapping, kind: str = "G", *, rngs: nnx.Rngs | None = None, dtype=jnp.float32
 ) -> nnx.Module:
-    """A freshly initialised (official init) network of `kind` "G", "D" or "E"."""
+    """A freshly initialised (official init) network of `kind` "G", "D" or "E".
+
+    The options become a config (`config_from_options`) and `clade_jax.models.build` builds the
+    network from it, exactly as training and a converted workdir do.
+    """
+    if kind not in ("G", "D", "E"):
+        raise ValueError(f"kind must be 'G', 'D' or 'E', got {kind!r}")
     rngs = rngs if rngs is not None else nnx.Rngs(0)
+    config = config_from_options(options)
+    config.compute_dtype = jnp.dtype(dtype).name
     if kind == "G":
-        return Generator(**generator_kwargs(options), dtype=dtype, rngs=rngs)
+        return build_generator(config, rngs=rngs)
     if kind == "D":
-        return MultiscaleDiscriminator(**discriminator_kwargs(options), dtype=dtype, rngs=rngs)
-    if kind == "E":
-        return ConvEncoder(**encoder_kwargs(options), dtype=dtype, rngs=rngs)
-    raise ValueError(f"kind must be 'G', 'D' or 'E', got {kind!r}")
+        check_discriminator_options(options)
+        return build_discriminator(config, rngs=rngs)
+    check_encoder_options(options)
+    config.model.use_vae = True  # an encoder's options may come without the generator's use_vae
+    return build_encoder(config, rngs=rngs)
 
 
 def load_official_state(

@@ -3,7 +3,7 @@
     python -m clade_jax.convert --official_dir=checkpoints/ade20k_pretrained --workdir=/runs/ade
 
 The official folder holds `opt.txt` and `<epoch>_net_G.pth` (sometimes `_D`, `_E`). The options
-become our config (`config_from_options`), the networks are built from it, the weights are
+become our config (`official.config_from_options`), the networks are built from it, the weights are
 mapped in (`official.load_official_state`, every mismatch reported), and the whole training state
 is saved as step 0 of the workdir, so `evaluate.py`, `synthesize` and even `train.py` (fine-tuning)
 treat it like one of our own runs. A missing `_D` / `_E` leaves that network at the official
@@ -15,77 +15,11 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from clade_jax import configs
-from clade_jax.convert.official import (
-    load_official_state,
-    num_classes_from,
-    param_free_norm_from,
-    read_opt_txt,
-)
-
-DATASET_CONFIGS = {
-    "ade20k": "ade20k",
-    "coco": "coco_stuff",
-    "cityscapes": "cityscapes",
-    "custom": "custom",
-}
-
-
-def config_from_options(options: dict) -> ml_collections.ConfigDict:
-    """Our config for the official options (dataset preset first, then every option that has a
-    counterpart)."""
-    mode = options.get("dataset_mode", "custom")
-    base = DATASET_CONFIGS.get(mode, "custom")
-    c = configs.load(base)
-    d, m = c.data, c.model
-    d.num_classes = num_classes_from(options)
-    d.dontcare_label = int(options["label_nc"]) if options.get("contain_dontcare_label") else -1
-    d.use_instance = not options.get("no_instance", False)
-    d.icpe = bool(options.get("add_dist", False))
-    d.crop_size = int(options.get("crop_size", d.crop_size))
-    d.load_size = int(options.get("load_size", d.load_size))
-    d.aspect_ratio = float(options.get("aspect_ratio", d.aspect_ratio))
-    preprocess = options.get("preprocess_mode", d.preprocess)
-    d.preprocess = "fixed" if preprocess.startswith("fixed") else "resize_and_crop"
-    d.flip = not options.get("no_flip", False)
-    if options.get("dataroot"):
-        d.root = str(options["dataroot"])
-    if options.get("netG", "spade") != "spade":
-        raise ValueError(f"netG {options['netG']!r} has no clade_jax counterpart yet")
-    m.generator = "spade"
-    m.norm = options.get("norm_mode", "spade")
-    norm_g = options.get("norm_G", "spectralspadesyncbatch3x3")
-    m.param_free_norm = param_free_norm_from(norm_g)
-    m.spectral_norm = "spectral" in norm_g
-    m.ngf = int(options.get("ngf", m.ngf))
-    m.num_upsampling_layers = options.get("num_upsampling_layers", m.num_upsampling_layers)
-    m.use_vae = bool(options.get("use_vae", False))
-    m.z_dim = int(options.get("z_dim", m.z_dim))
-    m.ndf = int(options.get("ndf", m.ndf))
-    m.n_layers_D = int(options.get("n_layers_D", m.n_layers_D))
-    m.num_D = int(options.get("num_D", m.num_D))
-    c.loss.lambda_feat = float(options.get("lambda_feat", c.loss.lambda_feat))
-    c.loss.lambda_vgg = (
-        0.0 if options.get("no_vgg_loss") else float(options.get("lambda_vgg", c.loss.lambda_vgg))
-    )
-    c.loss.lambda_kld = float(options.get("lambda_kld", c.loss.lambda_kld))
-    lr = float(options.get("lr", 2e-4))
-    if options.get("no_TTUR", False):
-        c.optim.lr_g = c.optim.lr_d = lr
-        c.optim.beta1, c.optim.beta2 = 0.5, 0.999
-    else:
-        c.optim.lr_g, c.optim.lr_d = lr / 2, lr * 2
-        c.optim.beta1 = float(options.get("beta1", 0.0))
-        c.optim.beta2 = float(options.get("beta2", 0.9))
-    c.batch_size = int(options.get("batchSize", c.batch_size))
-    c.num_epochs = int(options.get("niter", c.num_epochs))
-    c.num_decay_epochs = int(options.get("niter_decay", c.num_decay_epochs))
-    return c
+from clade_jax.convert.official import config_from_options, load_official_state, read_opt_txt
 
 
 def _find(official_dir: str, epoch: str, net: str) -> str | None:

@@ -1,6 +1,7 @@
 """The one place where a config becomes modules: explicit keyword arguments from `config`.
 
-Everything downstream (training, evaluation, synthesis, the complexity table) builds its networks
+Everything downstream (training, evaluation, synthesis, the complexity table, and the conversion of
+official checkpoints, which first turns the official options into a config) builds its networks
 through these functions, so a config means the same network everywhere.
 """
 
