@@ -73,3 +73,15 @@ def test_flag_takes_a_name_and_overrides():
     assert holder.value.batch_size == 4
     assert holder.value.model.ngf == synthetic.get_config("tiny").model.ngf
     assert holder.value.is_locked
+
+
+@pytest.mark.parametrize("name", ["ade20k", "ade20k_outdoor", "coco_stuff", "cityscapes"])
+def test_prepare_checks_labels_with_the_configs_classes(name):
+    """`python -m clade_jax.data.prepare` takes the label constants from the dataset's config."""
+    from clade_jax.data.decoding import label_encoding
+    from clade_jax.data.prepare import encoding_for
+
+    assert encoding_for(name) == label_encoding(configs.load(name).data)
+    assert encoding_for(name, label_255_to=-1).label_255_to == -1
+    assert encoding_for("custom") is None
+    assert encoding_for("custom", num_classes=13).num_classes == 13

@@ -22,16 +22,32 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from clade_jax.data.decoding import LabelEncoding
+from clade_jax import configs
+from clade_jax.data.decoding import LabelEncoding, label_encoding
 from clade_jax.data.layouts import FOLDER_DATASETS, SPLITS, FolderLayout
 
-# (num_classes, dontcare_label, label_255_to) per data set, as in the official loaders.
-LABEL_DEFAULTS = {
-    "ade20k": (151, 150, -1),
-    "ade20k_outdoor": (151, 150, -1),
-    "coco_stuff": (183, 182, 182),
-    "cityscapes": (35, -1, -1),
-}
+
+def encoding_for(
+    dataset: str,
+    *,
+    num_classes: int | None = None,
+    dontcare_label: int | None = None,
+    label_255_to: int | None = None,
+) -> LabelEncoding | None:
+    """The label encoding to check a data set's maps against while preparing it.
+
+    The classes, don't-care id and 255 rule are the data set's config's (`clade_jax.configs`,
+    the same numbers training uses); the arguments override them. The custom layout has no
+    classes of its own: without `num_classes` it gets None (no value checks).
+    """
+    defaults = configs.load(dataset).data if dataset != "custom" else {}
+    given = {"num_classes": num_classes, "dontcare_label": dontcare_label}
+    given["label_255_to"] = label_255_to
+    fallback = {"num_classes": None, "dontcare_label": -1, "label_255_to": -1}
+    fields = {k: v if v is not None else defaults.get(k, fallback[k]) for k, v in given.items()}
+    if fields["num_classes"] is None:
+        return None
+    return label_encoding({"dataset": dataset, **fields})
 
 
 def prepare(
@@ -79,7 +95,9 @@ def _define_flags() -> None:
         "use_instance", False, "Store instance maps (coco_stuff, cityscapes, custom)."
     )
     flags.DEFINE_integer(
-        "num_classes", None, "Classes incl. don't-care, for label checks (default: per data set)."
+        "num_classes",
+        None,
+        "Classes incl. don't-care, for label checks (default: the data set's config).",
     )
     flags.DEFINE_integer("dontcare_label", None, "Don't-care id, -1 if none.")
     flags.DEFINE_integer("label_255_to", None, "Final value of raw label 255, or -1.")
@@ -112,19 +130,13 @@ def main(argv: Sequence[str]) -> None:
         val_instance_dir=f.val_instance_dir,
         include_portraits=f.include_portraits,
     )
-    num_classes, dontcare, label_255_to = LABEL_DEFAULTS.get(dataset, (None, -1, -1))
-    num_classes = f.num_classes if f.num_classes is not None else num_classes
-    dontcare = f.dontcare_label if f.dontcare_label is not None else dontcare
-    label_255_to = f.label_255_to if f.label_255_to is not None else label_255_to
-    encoding = None
-    if num_classes is not None:
-        encoding = LabelEncoding(
-            num_classes=num_classes,
-            dontcare=dontcare,
-            label_255_to=label_255_to,
-            ade20k_shift=dataset in ("ade20k", "ade20k_outdoor"),
-        )
-    else:
+    encoding = encoding_for(
+        dataset,
+        num_classes=f.num_classes,
+        dontcare_label=f.dontcare_label,
+        label_255_to=f.label_255_to,
+    )
+    if encoding is None:
         logging.warning("no --num_classes: label values are checked only when training reads them")
     path = prepare(
         layout, f.data_dir, splits=f.splits, encoding=encoding, max_examples=f.max_examples
