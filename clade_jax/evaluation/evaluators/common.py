@@ -1,0 +1,260 @@
+"""The per-batch evaluation runner shared by every evaluator (big_vision `evaluators/common.py`).
+
+An evaluation pass is one loop over batches of an evaluation iterator. Per batch, ONE
+jit-compiled function, sharded over the same data-parallel mesh as training (`NamedSharding`
+over axis "data"), makes the uint8 images (synthesis with the generator, or the real images of
+the batch) and runs the device part of every evaluator on them. It returns only what has to leave
+the device: each evaluator's reductions (confusion-matrix counts, summed over the global batch
+inside the jit, i.e. across devices and processes) or small per-example outputs gathered to every
+process (Inception pool features), plus the uint8 images when they are written. Batches are padded
+to one fixed size; `valid` (B,) marks the rows that count (padding of the last batch and rows past
+`max_images` are excluded on device).
+
+Multi-process: every process feeds its shard (`make_eval_iterator(process_index=...)`) into the
+global batch with `jax.make_array_from_process_local_data`; reductions come back identical on
+every process, and each process writes the images of its own rows.
+
+Evaluators (`fid.FidEvaluator`, `segmentation.SegmentationEvaluator`) implement:
+
+    name: str
+    device_params() -> pytree                   # replicated on the mesh (network weights)
+    device_fn(params, images_u8, batch) -> dict  # traced inside the per-batch jit
+    update(outputs: dict[str, np.ndarray]) -> None   # host: accumulate (float64 / int64)
+    result() -> dict[str, Any]
+
+and, with `staged = True`, `host_stage(images_u8_local, local_batch) -> dict` and
+`staged_fn(params, inputs, batch)` for networks whose official preprocessing needs PIL on the
+host (the runner then calls a second jit on the prepared inputs; the scores still never leave
+the device).
+
+`from_config` builds the evaluators of a run's config; the trainer builds them once and hands
+them in (evaluation never imports the training loop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# Batch entries a device function may read (the rest, e.g. names, stay on the host).
+DEVICE_KEYS = ("label", "image", "instance", "icpe", "index", "valid")
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The training layout: a 1-D data-parallel mesh over every device of every process."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """Generator output in [-1, 1] -> uint8 on device, as `clade_jax.synthesize.to_uint8`
+    (the official `tensor2im`: `clip((x + 1) / 2 * 255, 0, 255)` truncated)."""
+    x = (images.astype(jnp.float32) + 1.0) / 2.0 * 255.0
+    return jnp.clip(x, 0.0, 255.0).astype(jnp.uint8)
+
+
+def float_to_uint8(images: jax.Array) -> jax.Array:
+    """The pipeline's float images (x / 127.5 - 1 of uint8) back to their uint8 values, on device
+    (`segmentation.images_to_uint8`: rounded, clipped); uint8 input passes through."""
+    if images.dtype == jnp.uint8:
+        return images
+    return jnp.clip(jnp.rint((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+class ImageSource:
+    """Where a pass's uint8 images come from: `fn(params, batch) -> (images (B, H, W, 3) uint8,
+    bad (B,) bool)` traced inside the per-batch jit; `bad` flags rows with NaN / inf."""
+
+    def __init__(self, fn: Callable, params: Any, description: str):
+        self.fn, self.params, self.description = fn, params, description
+
+
+def generator_source(net: Any, seed: int = 0) -> ImageSource:
+    """Synthesis with an `InferenceModel` (its jit-compiled generator + VAE encoder).
+
+    VAE models draw z from the encoder's posterior of the real image with the key
+    `fold_in(key(seed), example index)`, so images do not depend on the batch size or layout.
+    """
+    try:
+        run, g_state, e_state = net._run, net._g_state, net._e_state
+    except AttributeError as e:  # pragma: no cover - the InferenceModel's layout changed
+        raise TypeError(f"{type(net).__name__} is not an InferenceModel") from e
+    use_vae = bool(net.use_vae)
+    use_instance, use_icpe = bool(net.use_instance), bool(net.use_icpe)
+    base_key = jax.random.key(seed)
+
+    def fn(params, batch):
+        keys = None
+        if use_vae:
+            keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(
+                jnp.maximum(batch["index"], 0)
+            )
+        fake = run(
+            params["g"],
+            params["e"],
+            batch["label"],
+            batch.get("instance") if use_instance else None,
+            batch.get("icpe") if use_icpe else None,
+            batch["image"] if use_vae else None,
+            keys,
+        )
+        bad = ~jnp.isfinite(fake).all(axis=(1, 2, 3))
+        return to_uint8(fake), bad
+
+    return ImageSource(fn, {"g": g_state, "e": e_state}, "generator")
+
+
+def real_source() -> ImageSource:
+    """The batch's own (real) images as uint8."""
+
+    def fn(params, batch):
+        del params
+        images = float_to_uint8(batch["image"])
+        return images, jnp.zeros(images.shape[:1], bool)
+
+    return ImageSource(fn, {}, "real images")
+
+
+def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """This process's numpy batch -> global arrays sharded along the batch axis."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in batch.items()
+        if k in DEVICE_KEYS and v is not None
+    }
+
+
+def _local(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """The rows of a batch-sharded global array that belong to this process, in local order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, P("data")))
+
+
+class Runner:
+    """One evaluation pass: the per-batch jit over `mesh` and the host loop around it.
+
+    Args:
+      source: where the images come from (`generator_source`, `real_source`).
+      evaluators: the evaluators to run on the images.
+      mesh: the data-parallel mesh (default `make_mesh()`).
+      return_images: also bring the uint8 images of this process's rows to the host (to write
+        them); otherwise they never leave the device.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        evaluators: Sequence[Any],
+        *,
+        mesh: Mesh | None = None,
+        return_images: bool = False,
+    ):
+        self.source, self.evaluators = source, list(evaluators)
+        self.mesh = make_mesh() if mesh is None else mesh
+        self.return_images = return_images
+        names = [ev.name for ev in self.evaluators]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluator names must be unique, got {names}")
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        replicated = NamedSharding(self.mesh, P())
+        self._direct = [ev for ev in self.evaluators if not getattr(ev, "staged", False)]
+        self._staged = [ev for ev in self.evaluators if getattr(ev, "staged", False)]
+        params = {"source": source.params}
+        params.update({ev.name: ev.device_params() for ev in self.evaluators})
+        if jax.process_count() > 1:  # the same host values on every process -> global arrays
+            params = jax.tree.map(np.asarray, params)
+        self.params = jax.device_put(params, replicated)
+        direct = self._direct
+
+        def step(params, batch):
+            images, bad = source.fn(params["source"], batch)
+            valid = batch["valid"]
+            out = {
+                "valid": valid,
+                "bad": bad & valid,
+                "evals": {ev.name: ev.device_fn(params[ev.name], images, batch) for ev in direct},
+            }
+            return out, images
+
+        out_shardings = (replicated, self.batch_sharding)
+        self._step = jax.jit(step, out_shardings=out_shardings)
+        self._staged_fns = {
+            ev.name: jax.jit(ev.staged_fn, out_shardings=replicated) for ev in self._staged
+        }
+
+    def run(
+        self,
+        batches: Iterable[dict],
+        *,
+        count: int,
+        on_images: Callable[[np.ndarray, dict], None] | None = None,
+        log_every: int = 10,
+        what: str = "images",
+    ) -> int:
+        """Evaluates the first `count` examples of `batches`.
+
+        Args:
+          batches: this process's batches of an evaluation iterator (`mask`, `index` (B,)).
+          count: examples to evaluate (index < count); the pass stops once the global batch has
+            passed them.
+          on_images: called with (this process's uint8 images, local batch, with `valid`) per
+            batch when `return_images`.
+          log_every: progress line every this many batches.
+          what: name of the images in the progress lines.
+
+        Returns:
+          The number of examples evaluated (over all processes).
+        """
+        seen, start = 0, time.time()
+        for b, local in enumerate(batches):
+            local = dict(local)
+            index = np.asarray(local["index"])
+            local["valid"] = np.asarray(local["mask"], bool) & (index >= 0) & (index < count)
+            if "image" in local and np.asarray(local["image"]).dtype != np.uint8:
+                local["image"] = np.asarray(local["image"], np.float32)
+            for ev in self.evaluators:
+                if hasattr(ev, "check_batch"):  # e.g. labels outside the segmenter's classes
+                    ev.check_batch(local)
+            batch = shard_batch(local, self.batch_sharding)
+            out, images = self._step(self.params, batch)
+            if self._staged or (self.return_images and on_images is not None):
+                local_images = _local(images, self.mesh)
+            for ev in self._staged:
+                inputs = {
+                    k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                    for k, v in ev.host_stage(local_images, local).items()
+                }
+                out["evals"][ev.name] = self._staged_fns[ev.name](
+                    self.params[ev.name], inputs, batch
+                )
+            out = jax.device_get(out)
+            bad = np.asarray(out["bad"])
+            if bad.any():
+                raise FloatingPointError(
+                    f"the generator produced NaN/inf for {int(bad.sum())} example(s) of batch "
+                    f"{b}: labels outside [0, num_classes) or a diverged checkpoint"
+                )
+            for ev in self.evaluators:
+                ev.update(out["evals"][ev.name])
+            if self.return_images and on_images is not None:
+                on_images(local_images, local)
+            seen += int(np.asarray(out["valid"]).sum())
+            if (b + 1) % log_every == 0 or seen >= count:
+                rate = seen / max(time.time() - start, 1e-9)
+                logging.info("%s: %d / %d (%.1f images/s)", what, seen, count, rate)
+            if seen >= count:
+                break
+        if seen != count:
+            raise RuntimeError(f"evaluated {seen} {what}, expected {count}")
+        return seen
