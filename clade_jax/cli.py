@@ -183,7 +183,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
-    """`absl.app.run(main)` with this module's logging, user errors and `--traceback`."""
+    """`absl.app.run(main)` with this module's logging, user errors and `--traceback`; first
+    the entry points' CPU back-end choice (`clade_jax.backend.configure_cpu_backend`)."""
+    from clade_jax.backend import configure_cpu_backend
+
+    configure_cpu_backend()
 
     backend.configure_cpu_backend()  # before JAX initialises its backends
 

@@ -429,13 +429,14 @@ def train_segmenter(
             state, metrics = step_fn(state, batch)
             stop = preemption.reached(step, mngr) or step == stop_after
             last = step == total or stop
-            progress.update()
             if step % config.log_every_steps == 0 or last:
                 scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
                 runtime.check_finite(scalars, step)
                 speed = progress.log(step, {k[6:]: v for k, v in scalars.items()})
                 writer.write_scalars(step, {**scalars, **speed})
                 out.update(scalars)
+            else:
+                progress.update()
             if step % config.checkpoint_every_steps == 0 or last:
                 checkpoint.save(mngr, step, state, it, force=True)
                 log.info("segmenter checkpoint step %d -> %s", step, mngr.directory / str(step))

@@ -78,7 +78,7 @@ def train_and_evaluate(
         mesh.size,
         jax.process_count(),
         jax.process_index(),
-        ", ".join(sorted({f"{d.platform} {d.device_kind}" for d in mesh.devices.flat})),
+        ", ".join(sorted({_device_name(d) for d in mesh.devices.flat})),
     )
     checkpoint.write_config(config, workdir)
     dataset_size = len(make_source(config.data, "train"))
@@ -138,7 +138,6 @@ def train_and_evaluate(
             # Every process calls this every step: they agree on the step they stop at.
             stop = preemption.reached(done, manager) or done == stop_after
             last = done == num_steps or stop
-            progress.update()
             if done % config.log_every_steps == 0 or last:
                 scalars = {
                     k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]
@@ -149,6 +148,8 @@ def train_and_evaluate(
                 scalars.update(lr_g=config.optim.lr_g * f, lr_d=config.optim.lr_d * f, **speed)
                 writer.write_scalars(done, scalars)
                 pending = []
+            else:
+                progress.update()
             if done % config.image_every_steps == 0 or last:
                 _write_samples(
                     sample_fn, state, batch, local, train_key, done, config, mesh, writer, workdir
@@ -168,6 +169,12 @@ def train_and_evaluate(
     manager.close()
     writer.close()
     return graphdef, state
+
+
+def _device_name(device) -> str:
+    """"cpu", "gpu (NVIDIA H100 80GB HBM3)", "tpu (TPU v5 lite)"."""
+    kind = device.device_kind
+    return device.platform if kind.lower() == device.platform else f"{device.platform} ({kind})"
 
 
 def _write_parameter_table(model: GANState, workdir: str) -> None:

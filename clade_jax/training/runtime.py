@@ -263,9 +263,10 @@ class Progress:
       bar: force the bar on / off (default: on a terminal, process 0 only).
       enabled: False prints nothing (default: process 0 only).
 
-    `update(n)` advances by n units, `set(count)` jumps to a count; `log(count, scalars)` prints
-    one INFO line "desc count/total: k=v ... | rate unit/s, ETA" (the step line) and returns
-    {"<unit>s_per_sec": rate, "uptime": seconds} for TensorBoard.
+    `update(n)` advances by n units, `set(count)` jumps to a count; `log(count, scalars)` advances
+    to `count` and prints one INFO line "desc count/total: k=v ... | rate unit/s, ETA" (the step
+    line), returning {"<unit>s_per_sec": rate, "uptime": seconds} for TensorBoard. Call either
+    `update` or `log` for a unit, not both.
     """
 
     def __init__(
@@ -321,21 +322,29 @@ class Progress:
         return (self.total - self.count) * dt / done
 
     def set(self, count: int) -> None:
+        """Jump to `count` units done."""
         self.update(int(count) - self.count)
 
     def update(self, n: int = 1) -> None:
+        """Advance by `n` units (off a terminal: a plain line at most every `every_s`)."""
+        self._advance(n)
+        if self.enabled and self._bar is None and self.count < self.total:
+            if time.monotonic() - self._t_line >= self.every_s:
+                self._line()
+
+    def _advance(self, n: int) -> None:
         self.count += n
-        if not self.enabled:
-            return
-        if self._bar is not None:
+        if self._bar is not None and self.enabled:
             self._bar.update(n)
-        elif time.monotonic() - self._t_line >= self.every_s and self.count < self.total:
-            self._line()
 
     def log(self, count: int | None = None, scalars: Mapping[str, float] | None = None) -> dict:
-        """The step line at INFO (losses, rate, ETA); returns rate and uptime scalars."""
+        """Advance to `count` and print the step line at INFO (values, rate, ETA).
+
+        Returns:
+          {"<unit>s_per_sec": rate since the previous `log`, "uptime": seconds} (TensorBoard).
+        """
         if count is not None:
-            self.set(count)
+            self._advance(int(count) - self.count)
         rate = self.rate()
         out = {f"{self.unit}s_per_sec": rate, "uptime": time.monotonic() - self._t0}
         if self.enabled:
