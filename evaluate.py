@@ -9,7 +9,9 @@ writes the images to `workdir/eval/<step>/images/`, and FID, mIoU and pixel accu
 `workdir/eval/<step>.json` and TensorBoard (`workdir/eval`). See the library's docstring.
 """
 
-from absl import app, flags
+from absl import flags
+
+from clade_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "training or converted workdir (config.json, checkpoints/)")
@@ -49,4 +51,4 @@ if __name__ == "__main__":
     from clade_jax.backend import configure_cpu_backend
 
     configure_cpu_backend()
-    app.run(main)
+    cli.run(main)  # console lines, user errors -> one paragraph and exit 2, --traceback
