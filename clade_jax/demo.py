@@ -11,16 +11,32 @@
 4. Prints the table and the paths, and writes them to `<workdir>/results.md`.
 
 An existing workdir is resumed (training) and re-evaluated, so an interrupted demo continues.
+The console shows each phase as it starts and ends (with its wall time), the training step lines
+(losses, steps/s, ETA; a progress bar on a terminal) and the evaluation results.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags
 
 FLAGS = flags.FLAGS
+log = logging.getLogger(__name__)
+PHASES = 4
+
+
+def _phase(number: int, what: str) -> float:
+    log.info("demo phase %d/%d: %s", number, PHASES, what)
+    return time.time()
+
+
+def _done(number: int, start: float) -> float:
+    seconds = time.time() - start
+    log.info("demo phase %d/%d done in %.1f min", number, PHASES, seconds / 60)
+    return seconds
 
 
 def run(workdir: str, *, steps: int | None = None, segmenter_steps: int = 600) -> dict:
@@ -37,23 +53,26 @@ def run(workdir: str, *, steps: int | None = None, segmenter_steps: int = 600) -
     if steps:
         config.num_train_steps = steps
     gan_dir = os.path.join(workdir, "clade")
-    t = time.time()
+    t = _phase(1, f"training CLADE on the synthetic scenes ({config.num_train_steps} steps)")
     train_and_evaluate(config, gan_dir)
-    timings["train_clade_s"] = time.time() - t
+    timings["train_clade_s"] = _done(1, t)
 
     seg_dir = os.path.join(workdir, "segmenter")
     seg_config = segmenter.get_config(f"dataset=synthetic,width=16,steps={segmenter_steps},batch=8")
     seg_config.data.num_workers = 0
-    t = time.time()
+    t = _phase(2, f"training the segmenter that scores the images ({segmenter_steps} steps)")
     train_segmenter(seg_config, seg_dir)
-    timings["train_segmenter_s"] = time.time() - t
+    timings["train_segmenter_s"] = _done(2, t)
 
-    t = time.time()
-    results = {
-        name: evaluate(gan_dir, step=step, segmenter_workdir=seg_dir)
-        for name, step in (("step0", 0), ("trained", None))
-    }
-    timings["evaluate_s"] = time.time() - t
+    results = {}
+    timings["evaluate_s"] = 0.0
+    for number, (name, step, what) in enumerate(
+        (("step0", 0, "the step-0 initialization"), ("trained", None, "the trained generator")),
+        start=3,
+    ):
+        t = _phase(number, f"evaluating {what}: FID, mIoU, pixel accuracy")
+        results[name] = evaluate(gan_dir, step=step, segmenter_workdir=seg_dir)
+        timings["evaluate_s"] += _done(number, t)
     results["timings"] = timings
     table = format_results(results)
     with open(os.path.join(workdir, "results.md"), "w") as f:
@@ -92,7 +111,6 @@ def format_results(results: dict) -> str:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     run(FLAGS.workdir, steps=FLAGS.steps, segmenter_steps=FLAGS.segmenter_steps)
 
 
@@ -103,4 +121,6 @@ if __name__ == "__main__":
     from clade_jax.backend import configure_cpu_backend
 
     configure_cpu_backend()
-    app.run(main)
+    from clade_jax import cli
+
+    cli.run(main)
