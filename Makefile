@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # cores busy (compilation is single-threaded), tests sharing a training run stay on one worker.
 TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 $(XLA_FLAGS)"
 
-.PHONY: test demo lint weights clean
+.PHONY: test demo paint lint weights clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP) lint weights
 
 demo: $(STAMP)
 	$(BIN)/python -m clade_jax.demo --workdir=workdirs/demo
+
+# The painting app on the `make demo` run (http://127.0.0.1:8000/; PORT=... to change).
+PORT ?= 8000
+paint: $(STAMP)
+	$(BIN)/python -m clade_jax.paint --workdir=workdirs/demo/clade --port=$(PORT)
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -108,6 +108,25 @@ def test_info_describes_the_model_and_its_classes(server, tiny_run):
     assert "encodeGreyPNG" in client.get("/static/app.js").text
 
 
+def test_binds_localhost_by_default_and_warns_on_every_interface(server, monkeypatch, caplog):
+    import uvicorn
+
+    from clade_jax.paint import server as server_module
+
+    model, _ = server
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    with caplog.at_level("WARNING"):
+        server_module.serve(model, port=8123, warm_up=False)
+        assert not caplog.records
+        server_module.serve(model, host="0.0.0.0", port=8123, warm_up=False)
+    assert [c["host"] for c in calls] == ["127.0.0.1", "0.0.0.0"]
+    assert any("0.0.0.0" in r.getMessage() and "exposes" in r.getMessage() for r in caplog.records)
+    main = pytest.importorskip("clade_jax.paint.__main__")
+    with pytest.raises(SystemExit):
+        main.main(["--workdir", "/nonexistent/run"])
+
+
 def test_photo_is_bitwise_clade_jax_synthesize(server, reference, tmp_path):
     _, client = server
     model, workdir = reference

@@ -53,7 +53,7 @@ pytestmark = [
 ]
 
 
-def wait_for(condition, what: str, timeout: float = 60.0):
+def wait_for(condition, what: str, timeout: float = 60.0, explain=None):
     """Poll `condition()` until it returns neither None nor False; fail naming `what` after
     `timeout` s."""
     deadline = time.time() + timeout
@@ -62,7 +62,9 @@ def wait_for(condition, what: str, timeout: float = 60.0):
         if value is not None and value is not False:
             return value
         time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+    pytest.fail(
+        f"timed out after {timeout:.0f} s waiting for {what}" + (explain() if explain else "")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,7 @@ def page(tiny_run):
     from selenium.webdriver.chrome.service import Service
 
     model = amplified_paint_model(tiny_run[1])
+    model.workdir = "tiny_run (4 training steps)"  # shown in the page header (and screenshot)
     with serve_in_thread(create_app(model)) as url, tempfile.TemporaryDirectory() as profile:
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
@@ -118,7 +121,21 @@ def settled(driver, model, version: int):
         got = model.last_request.get("labels")
         return labels if got is not None and np.array_equal(got, labels) else None
 
-    return wait_for(done, "the photo of the current label map")
+    def explain():
+        got = model.last_request.get("labels")
+        labels = page_labels(driver, model)
+        ids = None if got is None else np.unique(got).tolist()
+        return (
+            f"; page status {status(driver)!r}, photo version {photo_version(driver)}; the server "
+            f"last got ids {ids}, the page holds {np.unique(labels).tolist()}"
+            + ("" if got is None else f", {(got != labels).sum()} pixels differ")
+        )
+
+    return wait_for(done, "the photo of the current label map", explain=explain)
+
+
+def status(driver) -> str:
+    return driver.execute_script("return document.getElementById('status').textContent")
 
 
 def select(driver, query: str, class_id: int):
@@ -205,10 +222,17 @@ def test_painted_strokes_reach_the_server_as_exact_ids_and_change_the_photo(page
     labels = settled(driver, model, version)
     assert set(np.unique(labels).tolist()) == {sky, grass}
 
-    # The README's screenshot: a validation scene with a painted building.
+    # A random validation map, then the README's screenshot: validation scene 7 (fixed, so the
+    # file does not change from run to run) with a painted building.
     version = photo_version(driver)
     driver.find_element(By.ID, "random").click()
-    settled(driver, model, version)
+    labels = settled(driver, model, version)
+    assert len(np.unique(labels)) >= 3 and "validation example" in status(driver)
+    version = photo_version(driver)
+    driver.execute_script("window.paint.randomMap(7)")
+    labels = settled(driver, model, version)
+    source, transform = model._validation_source()
+    np.testing.assert_array_equal(labels, transform(source[7])["label"])
     select(driver, "build", building)
     version = photo_version(driver)
     stroke(driver, [(0.3, -0.1), (0.3, 0.1), (0.38, 0.1), (0.38, -0.1), (0.32, -0.1), (0.32, 0.06)])

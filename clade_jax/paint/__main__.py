@@ -8,6 +8,7 @@ otherwise; `--host=0.0.0.0` (every interface) is logged as a warning.
 from __future__ import annotations
 
 import argparse
+import os
 
 from absl import logging
 
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no_warmup", action="store_true", help="compile on the first request")
     args = p.parse_args(argv)
     logging.set_verbosity(logging.INFO)
+    if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+        p.error(
+            f"--workdir={args.workdir} holds no config.json: give a training workdir or one "
+            "written by `python -m clade_jax.convert` (`make demo` trains workdirs/demo/clade)"
+        )
 
     from clade_jax.paint.server import PaintModel, serve
 

@@ -39,7 +39,6 @@ import collections
 import contextlib
 import hashlib
 import io
-import logging as std_logging
 import random
 import socket
 import threading
@@ -569,5 +568,4 @@ def serve(model: PaintModel, host: str = "127.0.0.1", port: int = 8000, warm_up:
         logging.info("paint: compiled in %.1f s", model.warm_up())
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     print(f"clade_jax.paint: open http://{shown}:{port}/  (Ctrl-C stops)", flush=True)
-    std_logging.getLogger("uvicorn.access").setLevel(std_logging.WARNING)
-    uvicorn.run(create_app(model), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model), host=host, port=port, log_level="info", access_log=False)

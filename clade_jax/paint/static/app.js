@@ -411,7 +411,7 @@ async function synthesize() {
     img.src = state.photoUrl;
     const server = resp.headers.get("X-Synthesis-Ms");
     $("latency").textContent = `${ms.toFixed(0)} ms request to photo (model ${Number(server).toFixed(0)} ms)`;
-    showStatus("");
+    if ($("status").classList.contains("error")) showStatus(""); // the map is fine now
   } catch (err) {
     if (err.name === "AbortError") return;
     showStatus(`synthesis failed: ${err.message}`, true);
@@ -437,8 +437,10 @@ async function openLabelFile(file) {
   showStatus(`opened ${file.name}`);
 }
 
-async function randomMap() {
-  const resp = await fetch("/api/validation_map");
+// A validation example: random, or number `index` (the console / tests).
+async function randomMap(index) {
+  const query = Number.isInteger(index) ? `?index=${index}` : "";
+  const resp = await fetch(`/api/validation_map${query}`);
   if (!resp.ok) return showStatus(await errorText(resp), true);
   const withInstance = resp.headers.get("X-Instance") === "True";
   const [labels, inst] = splitIds(await resp.arrayBuffer(), withInstance ? 2 : 1);
@@ -479,7 +481,7 @@ function bindControls() {
     if (ev.target.files[0]) openLabelFile(ev.target.files[0]);
     ev.target.value = "";
   });
-  $("random").addEventListener("click", randomMap);
+  $("random").addEventListener("click", () => randomMap());
   $("download-labels").addEventListener("click", async () => {
     const png = await encodeGreyPNG(state.labels, state.W, state.H, labelBits());
     download(new Blob([png], { type: "image/png" }), "labels.png");
@@ -559,5 +561,5 @@ async function init() {
   updateButtons();
 }
 
-window.paint = { state, encodeGreyPNG }; // for tests and the console
+window.paint = { state, encodeGreyPNG, randomMap }; // for tests and the console
 init().catch((err) => showStatus(`start-up failed: ${err.message}`, true));
