@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -48,7 +49,7 @@ def convert(official_dir: str, workdir: str, *, epoch: str = "latest") -> str:
       ValueError: the weights do not match the options (every unknown, missing or misshaped name
         is listed).
     """
-    from clade_jax.training import checkpoint
+    from clade_jax.training import checkpoint, runtime
     from clade_jax.training.state import GANState
 
     opt_path = os.path.join(official_dir, "opt.txt")
@@ -59,7 +60,12 @@ def convert(official_dir: str, workdir: str, *, epoch: str = "latest") -> str:
     g_path = _find(official_dir, epoch, "G")
     if g_path is None:
         raise FileNotFoundError(f"no {epoch}_net_G.pth (or .npz) in {official_dir}")
-    model = GANState(config, 1, rngs=nnx.Rngs(config.seed))
+    # Initialised in one compiled program, as the training loop does (eagerly, every parameter
+    # shape would compile its own initialiser: minutes on a small CPU).
+    make = lambda key: GANState(config, 1, rngs=nnx.Rngs(key))
+    key = runtime.init_key(config.seed)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(key)))
+    model = nnx.merge(graphdef, jax.jit(lambda k: nnx.state(make(k)))(key))
     load_official_state(model.gen.g, read_state(g_path), source=g_path)
     for net, module in (("D", model.d), ("E", model.gen.e)):
         path = _find(official_dir, epoch, net)
