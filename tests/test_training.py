@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -76,10 +77,12 @@ def _recondition(model) -> None:
     differences of ~lr on any change of summation order (one device or eight alike)."""
     key = jax.random.key(42)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if path[-1] == "kernel":
+        if path[-1] == "kernel" and path[0] != "g_ema":
             key, sub = jax.random.split(key)
             fan_in = int(np.prod(var.shape[:-1]))
             var.set_value(jax.random.normal(sub, var.shape) / np.sqrt(fan_in))
+    if getattr(model, "g_ema", None) is not None:  # the EMA starts as a copy of the generator
+        nnx.update(model.g_ema, jax.tree.map(jnp.copy, nnx.state(model.gen.g)))
 
 
 def _sharded_step_outputs(config, devices, batch):
@@ -103,7 +106,8 @@ def _sharded_step_outputs(config, devices, batch):
         (_, g_parts), g_grads = nnx.value_and_grad(
             fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True
         )(m.gen, m.d)
-        buffers = nnx.state(m, nnx.BatchStat)
+        # a snapshot: the D fake's forward below moves the same buffers again
+        buffers = jax.tree.map(jnp.copy, nnx.state(m, nnx.BatchStat))
         fake, _ = generate(m.gen, batch, None)
         (_, d_parts), d_grads = nnx.value_and_grad(
             lambda d: discriminator_losses(d, batch, fake), has_aux=True
@@ -111,10 +115,13 @@ def _sharded_step_outputs(config, devices, batch):
         return g_grads, d_grads, {**g_parts, **d_parts}, buffers
 
     g_grads, d_grads, parts, buffers = grads(state, batch)
+    before = _leaves(state)  # the step donates `state`
     shardings = jax.tree.map(lambda _: replicated, state)
     step = make_train_step(graphdef, config, shardings, batch_sharding)
     after, metrics = step(state, batch, jnp.int32(0), jax.random.key(0), None)
     return {
+        "before": before,
+        "state": (graphdef, after),
         "G": _leaves(g_grads),
         "D": _leaves(d_grads),
         "parts": parts,
@@ -160,11 +167,41 @@ def _close(a, b, tol: float, scale=None) -> bool:
     return bool(np.linalg.norm(a - b) <= tol * scale)
 
 
-def test_one_device_and_eight_devices_agree():
-    _one_vs_eight_devices(tiny())
+def one_config():
+    """The tiny config with an EMA generator (decay 0.5: one step moves it visibly)."""
+    config = tiny("ema")
+    config.ema_decay = 0.5
+    return config
+
+
+@pytest.fixture(scope="module")
+def one_and_eight():
+    """(config, outputs on 1 device, outputs on 8 devices) of `_sharded_step_outputs`."""
+    config = one_config()
+    batch = next(
+        make_train_iterator(config.data, global_batch_size=8, process_index=0, process_count=1)
+    )
+    one = _sharded_step_outputs(config, jax.devices()[:1], batch)
+    eight = _sharded_step_outputs(config, jax.devices()[:8], batch)
+    return config, one, eight
+
+
+def test_one_device_and_eight_devices_agree(one_and_eight):
+    _assert_one_and_eight_agree(*one_and_eight)
 
 
 def _one_vs_eight_devices(config) -> None:
+    """`_assert_one_and_eight_agree` for `config` (its own two runs)."""
+    assert jax.device_count() >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    batch = next(
+        make_train_iterator(config.data, global_batch_size=8, process_index=0, process_count=1)
+    )
+    one = _sharded_step_outputs(config, jax.devices()[:1], batch)
+    eight = _sharded_step_outputs(config, jax.devices()[:8], batch)
+    _assert_one_and_eight_agree(config, one, eight)
+
+
+def _assert_one_and_eight_agree(config, one, eight) -> None:
     """The same step on 8 devices and on 1 device (data parallel, global BatchNorm statistics).
 
     Compared, each to 1e-5 relative: the losses; the G and D gradients of the step's loss
@@ -174,13 +211,7 @@ def _one_vs_eight_devices(config) -> None:
     states (whose first moment is the gradient itself with beta1 = 0), counters and buffers —
     except `cancelled_biases` (asserted to carry no gradient, see there).
     """
-    assert jax.device_count() >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     assert config.optim.beta1 == 0.0  # then the Adam state's mu is (1 - beta1) * g = g
-    batch = next(
-        make_train_iterator(config.data, global_batch_size=8, process_index=0, process_count=1)
-    )
-    one = _sharded_step_outputs(config, jax.devices()[:1], batch)
-    eight = _sharded_step_outputs(config, jax.devices()[:8], batch)
     for k in one["parts"]:
         assert _close(one["parts"][k], eight["parts"][k], 1e-5, max(abs(one["parts"][k]), 1e-3)), k
     assert one["metrics"].keys() >= {"G_GAN", "D_Fake", "D_real", "G_total", "D_total"}
@@ -220,12 +251,16 @@ def _one_vs_eight_devices(config) -> None:
     s1, s8 = one["after"], eight["after"]
     assert s1.keys() == s8.keys()
 
-    def is_excluded(k):  # the leaf itself or its Adam moments
-        return any(k == e or k.endswith("/" + e.split("/", 1)[1]) for e in excluded)
+    tails = ["/" + e[len("gen/g/") :] for e in excluded]  # all are generator leaves
+
+    def is_excluded(k):  # the parameter, its Adam moments and its EMA copy
+        return k.startswith(("gen/", "opt_g/", "g_ema/")) and any(k.endswith(t) for t in tails)
 
     compared = {k for k in s1 if not is_excluded(k)}
-    assert len(s1) - len(compared) == 3 * len(excluded)  # parameter, mu, nu
-    for part in ("gen/g/", "d/", "opt_g/opt_state/0/mu/", "opt_d/opt_state/0/mu/", "/nu/"):
+    copies = 3 + (config.ema_decay > 0)  # parameter, mu, nu (, EMA)
+    assert len(s1) - len(compared) == copies * len(excluded)
+    parts = ["gen/g/", "d/", "opt_g/opt_state/0/mu/", "opt_d/opt_state/0/mu/", "/nu/"]
+    for part in parts + (["g_ema/"] if config.ema_decay > 0 else []):
         assert any(part in k for k in compared), part
     # The excluded biases move by +-lr_g (the sign of noise) differently on 1 and 8 devices; a
     # BatchNorm's batch mean includes them, so the running means of the D step's G forward (the
@@ -247,6 +282,212 @@ def _one_vs_eight_devices(config) -> None:
             assert _close(g, s1[f"opt_g/opt_state/0/mu/{k}"], 1e-5), k
             nu = (1 - config.optim.beta2) * np.square(g, dtype=np.float64)
             assert _close(nu, s1[f"opt_g/opt_state/0/nu/{k}"], 1e-4), k
+
+
+def _params(leaves: dict, prefix: str) -> dict:
+    """The float parameter leaves under `prefix` (no optimizer state, no buffers)."""
+    skip = ("running_mean", "running_var", "/u", "/v")
+    return {
+        k[len(prefix) :]: v
+        for k, v in leaves.items()
+        if k.startswith(prefix) and not k.endswith(skip) and v.dtype.kind == "f"
+    }
+
+
+def test_one_step_moves_g_and_d_each_by_its_learning_rate(one_and_eight):
+    """Adam's first step with beta1 = 0 is lr * g / (|g| + eps): every element of G moves by
+    lr_g and every element of D by lr_d (against the gradient), wherever |g| >> eps."""
+    config, one, _ = one_and_eight
+    before, after = one["before"], one["after"]
+    assert config.optim.lr_g != config.optim.lr_d  # TTUR
+    for net, opt, lr in (
+        ("gen/", "opt_g/opt_state/0/mu/", config.optim.lr_g),
+        ("d/", "opt_d/opt_state/0/mu/", config.optim.lr_d),
+    ):
+        p0, p1, g = _params(before, net), _params(after, net), _params(after, opt)
+        assert p0.keys() == p1.keys() == g.keys() and len(p0) > 10
+        moved = total = 0
+        for k in p0:
+            live = np.abs(g[k]) > 1e-5  # the step's gradient (mu = g)
+            step = p1[k][live].astype(np.float64) - p0[k][live]
+            # float32 parameters of magnitude <= 2 resolve a step of 1e-4 to 2.4e-3 relative
+            np.testing.assert_allclose(np.abs(step), lr, rtol=5e-3, err_msg=net + k)
+            assert np.all(np.sign(step) == -np.sign(g[k][live])), net + k
+            moved, total = moved + live.sum(), total + live.size
+        assert moved > 0.5 * total, (net, moved, total)
+
+
+def test_ema_generator_follows_the_step_and_is_what_evaluation_loads(one_and_eight, tmp_path):
+    """After a step, g_ema = decay * g_before + (1 - decay) * g_after for parameters and the
+    model's buffers for buffers; a checkpoint of that state loads the EMA generator for
+    evaluation (`load_models`, used by evaluate and synthesize)."""
+    config, one, _ = one_and_eight
+    d = config.ema_decay
+    before, after = one["before"], one["after"]
+    g0, g1, ema = _params(before, "gen/g/"), _params(after, "gen/g/"), _params(after, "g_ema/")
+    assert g0.keys() == ema.keys()
+    for k in g0:
+        np.testing.assert_allclose(ema[k], d * g0[k] + (1 - d) * g1[k], rtol=1e-6, atol=1e-9)
+    assert sum(not np.array_equal(ema[k], g0[k]) for k in g0) > 0.9 * len(g0)  # it moved
+    # Buffers are the generator's right after the G step's forward (the test's own forward of
+    # the same loss); the D step's second forward moves only the generator's own.
+    buffers = [k for k in after if k.startswith("g_ema/") and k.endswith(("running_var", "/u"))]
+    assert buffers
+    for k in buffers:
+        g_step = one["buffers"]["gen/g/" + k[len("g_ema/") :]]
+        np.testing.assert_allclose(after[k], g_step, rtol=1e-5, atol=1e-7, err_msg=k)
+        assert not np.allclose(after[k], before[k], rtol=1e-4), k  # not the initial ones
+
+    workdir = str(tmp_path / "run")
+    checkpoint.write_config(config, workdir)
+    manager = checkpoint.make_manager(workdir, with_data=False)
+    checkpoint.save(manager, 1, one["state"][1], force=True)
+    manager.wait_until_finished()
+    manager.close()
+    _, g, _, step = checkpoint.load_models(workdir)
+    loaded = _params(_leaves(nnx.state(g)), "")
+    assert step == 1 and loaded.keys() == ema.keys()
+    for k in ema:
+        np.testing.assert_array_equal(loaded[k], ema[k], err_msg=k)
+    _, g, _, _ = checkpoint.load_models(workdir, use_ema=False)
+    raw = _params(_leaves(nnx.state(g)), "")
+    assert any(not np.array_equal(raw[k], ema[k]) for k in ema)
+
+
+def test_one_training_step_with_vae_instance_maps_and_icpe():
+    """One `train_step` of a model with all three inputs (one device, official init): finite
+    losses including the KL term, and the kernels of the encoder, of the CLADE instance-edge
+    convolutions and of the ICPE convolutions all move by lr_g (Adam's first step)."""
+    config = tiny("vae,icpe")
+    config.data.use_instance = True
+    mesh = make_mesh(jax.devices()[:1])
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    batch = next(
+        make_train_iterator(config.data, global_batch_size=4, process_index=0, process_count=1)
+    )
+    assert {"instance", "icpe"} <= set(batch)
+    graphdef, state = nnx.split(GANState(config, 16, rngs=nnx.Rngs(0)))
+    before = _leaves(state)
+    step = make_train_step(
+        graphdef, config, jax.tree.map(lambda _: replicated, state), batch_sharding
+    )
+    after, metrics = step(
+        state, shard_batch(batch, batch_sharding), jnp.int32(0), jax.random.key(0), None
+    )
+    metrics = {k: float(v) for k, v in metrics.items()}
+    assert {"KLD", "G_GAN", "D_real", "D_Fake"} <= metrics.keys(), metrics.keys()
+    assert all(np.isfinite(v) for v in metrics.values()) and metrics["KLD"] > 0
+    after = _leaves(after)
+    # (not icpe_shift: it scales the class shift table, which starts at zero, so its first
+    # gradient is exactly zero)
+    for part in ("gen/e/", "/inst_conv/", "/icpe_scale/"):
+        # (biases may feed only BatchNorms, which cancel them: kernels act on varying inputs)
+        names = [
+            k
+            for k in _params(before, "")
+            if part in "/" + k and k.startswith("gen/") and k.endswith("kernel")
+        ]
+        assert names, part
+        lr = config.optim.lr_g
+        moved = [k for k in names if np.median(np.abs(after[k] - before[k])) > 0.5 * lr]
+        assert len(moved) == len(names), (part, sorted(set(names) - set(moved)))
+    # The discriminator sees the edge map: one-hot labels + edges + RGB input channels.
+    first = before["d/discriminator_0/model0/conv/kernel"]
+    assert first.shape[2] == config.data.num_classes + 1 + 3
+
+
+def test_linear_decay_with_num_train_steps_at_its_boundaries():
+    """num_train_steps = 10 over 1 + 1 "epochs": constant for steps 0..5, then 1 - k / 5 at
+    step 5 + k; and the optimizer applies lr * factor(its update count)."""
+    from clade_jax.training.state import make_optimizer
+
+    config = tiny()
+    config.num_train_steps = 10
+    config.num_epochs, config.num_decay_epochs = 1, 1
+    f = lr_factor(config, dataset_size=16)
+    factors = [float(f(s)) for s in range(12)]
+    np.testing.assert_allclose(factors, [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0, 0], atol=1e-7)
+    config.num_train_steps = 8
+    config.num_epochs, config.num_decay_epochs = 3, 1  # decay over the last quarter: 2 steps
+    f = lr_factor(config, dataset_size=16)
+    np.testing.assert_allclose([float(f(s)) for s in (5, 6, 7, 8)], [1, 1, 0.5, 0], atol=1e-7)
+    config.num_train_steps = 10
+    config.num_decay_epochs = 0  # no decay at all
+    assert float(lr_factor(config, 16)(9)) == 1.0
+    config.num_epochs, config.num_decay_epochs = 1, 1
+    opt = make_optimizer(1e-2, config, lr_factor(config, 16))
+    params = {"w": jnp.ones(3)}
+    opt_state = opt.init(params)
+    sizes = []
+    for _ in range(10):  # a constant gradient: Adam's step is lr * factor(count)
+        updates, opt_state = opt.update({"w": jnp.full(3, 0.5)}, opt_state, params)
+        sizes.append(float(jnp.abs(updates["w"][0])))
+    np.testing.assert_allclose(sizes, 1e-2 * np.array(factors[:10]), rtol=1e-5, atol=1e-9)
+
+
+def _poisoned_step(monkeypatch, bad_from: int, metric: str = "D_real"):
+    """The loop's real step with `metric` replaced by NaN from step `bad_from` (0-based) on,
+    as a diverging run would report it; the compiled step is the tiny run's (shared cache)."""
+    from clade_jax.training import loop
+
+    real = loop.make_train_step
+
+    def make(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def step(state, batch, i, key, vgg):
+            state, metrics = fn(state, batch, i, key, vgg)
+            if int(i) >= bad_from:
+                metrics = {**metrics, metric: jnp.float32(jnp.nan)}
+            return state, metrics
+
+        return step
+
+    monkeypatch.setattr(loop, "make_train_step", make)
+
+
+def _checkpoints(workdir: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_a_run_driven_to_nan_stops_naming_the_metric_without_checkpointing_it(
+    monkeypatch, tmp_path
+):
+    config = tiny()
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 1
+    _poisoned_step(monkeypatch, bad_from=1)  # step 2 (1-based) reports D_real = NaN
+    workdir = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match=r"D_real became nan at step 2"):
+        train_and_evaluate(config, workdir)
+    # The step-1 save is asynchronous and may still be finishing when the error is raised.
+    deadline = time.monotonic() + 60
+    while any("tmp" in c for c in _checkpoints(workdir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _checkpoints(workdir) == ["1"]  # step 1 was good; step 2 was not saved
+
+
+def test_eval_every_steps_evaluates_each_fresh_checkpoint(monkeypatch, tmp_path):
+    from clade_jax.evaluation import evaluate as evaluate_module
+
+    config = tiny()
+    config.num_train_steps = 3
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = config.log_every_steps = config.image_every_steps = 100
+    workdir = str(tmp_path / "run")
+    calls = []
+
+    def fake_evaluate(wd, *, step, segmenter_workdir=None, **kwargs):
+        calls.append((wd, step, _checkpoints(wd)))
+        return {"fid": 1.0}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    train_and_evaluate(config, workdir)
+    # every eval_every_steps and at the end, each on its checkpoint, written before evaluation
+    assert [(wd, step) for wd, step, _ in calls] == [(workdir, 2), (workdir, 3)]
+    assert "2" in calls[0][2] and "3" in calls[1][2]
+    assert _checkpoints(workdir) == ["2", "3"]
 
 
 def test_nan_loss_names_the_metric_and_step():
