@@ -19,7 +19,6 @@ from clade_jax.layers import (
     fold_spectral_norm,
     icpe_offsets,
     instance_edges,
-    label_pyramid,
     resize_nearest,
     resize_nearest_np,
 )
@@ -137,13 +136,6 @@ def test_resize_nearest_differs_from_half_pixel_resize():
     np.testing.assert_array_equal(np.asarray(ours[0]), [[0, 32], [32 * 64, 32 * 64 + 32]])
     half = jax.image.resize(labels.astype(jnp.float32), (1, 2, 2), "nearest")
     assert not np.array_equal(np.asarray(half), np.asarray(ours))
-
-
-def test_label_pyramid_has_one_map_per_resolution():
-    labels = jnp.asarray(np.random.default_rng(0).integers(0, 5, (1, 32, 32)))
-    pyr = label_pyramid(labels, [(4, 4), (8, 8), (4, 4), (32, 32)])
-    assert sorted(pyr) == [(4, 4), (8, 8), (32, 32)]
-    np.testing.assert_array_equal(np.asarray(pyr[(8, 8)]), np.asarray(labels[:, ::4, ::4]))
 
 
 def test_instance_edges_are_the_official_four_neighbour_map():

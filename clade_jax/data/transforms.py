@@ -13,7 +13,6 @@ Augmentations are those of the official loaders (SPADE `data/base_dataset.py`):
 * 'resize_and_crop': resize to load_size x load_size, random crop crop_size x crop_size
   (ADE20k / COCO-Stuff: 286 -> 256);
 * 'fixed': resize to crop_size x round(crop_size / aspect_ratio) (Cityscapes 512x256), no crop;
-* 'scale_width_and_crop': width to load_size keeping the aspect, random square crop;
 * horizontal flip with probability 1/2 when `flip` is on.
 Images are resized with PIL bicubic. Label and instance maps are resized nearest; with
 `label_resize='pil'` (default) exactly as the official loaders do (PIL NEAREST: pixel-centre rule
@@ -41,7 +40,7 @@ from PIL import Image
 
 from clade_jax.layers.labels import icpe_offsets, resize_nearest_np
 
-PREPROCESS_MODES = ("resize_and_crop", "fixed", "scale_width_and_crop")
+PREPROCESS_MODES = ("resize_and_crop", "fixed")
 LABEL_RESIZE_METHODS = ("pil", "floor")
 _AUGMENT_STREAM = 1  # separates the augmentation random stream from other uses of the seed
 
@@ -128,14 +127,11 @@ def train_geometry(
     Returns:
       The example's `Geometry`.
     """
-    h, w = size
+    del size  # both official modes resize to a fixed size first
     if opts.preprocess == "fixed":
         resize, crop = opts.output_size(), None
-    else:
-        if opts.preprocess == "resize_and_crop":
-            resize = (opts.load_size, opts.load_size)
-        else:  # scale_width_and_crop
-            resize = (opts.load_size * h // w, opts.load_size)
+    else:  # resize_and_crop
+        resize = (opts.load_size, opts.load_size)
         c = opts.crop_size
         top = int(rng.integers(0, max(0, resize[0] - c) + 1))
         left = int(rng.integers(0, max(0, resize[1] - c) + 1))
@@ -146,11 +142,7 @@ def train_geometry(
 
 def eval_geometry(size: tuple[int, int], opts: AugmentOptions) -> Geometry:
     """The deterministic test-time geometry: load_size = crop_size, no random crop, no flip."""
-    h, w = size
-    c = opts.crop_size
-    if opts.preprocess == "scale_width_and_crop":
-        new_h = c * h // w
-        return Geometry(resize=(new_h, c), crop=((max(new_h - c, 0)) // 2, 0, c, c), flip=False)
+    del size  # every mode resizes to the output size at test time
     return Geometry(resize=opts.output_size(), crop=None, flip=False)
 
 

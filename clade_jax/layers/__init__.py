@@ -17,7 +17,6 @@ from clade_jax.layers.labels import (
     check_labels,
     icpe_offsets,
     instance_edges,
-    label_pyramid,
     resize_nearest,
     resize_nearest_np,
 )
@@ -38,7 +37,6 @@ __all__ = [
     "gather_classes",
     "icpe_offsets",
     "instance_edges",
-    "label_pyramid",
     "resize_nearest",
     "resize_nearest_np",
     "semantic_input",

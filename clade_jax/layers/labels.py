@@ -3,7 +3,6 @@
 * `resize_nearest`: nearest resizing with PyTorch's legacy rule `src = floor(dst * in / out)`
   (what `F.interpolate(mode='nearest')` does and what the official checkpoints were trained with).
   `jax.image.resize(method='nearest')` uses half-pixel centres and picks different pixels.
-* `label_pyramid`: one resized label map per resolution, computed once per forward pass.
 * `instance_edges`: the official 4-neighbour edge map of an instance-id map.
 * `icpe_offsets`: the CLADE-ICPE positional map (host-side NumPy; connected components).
 * `check_labels`: host-side validation that names the source and the offending values.
@@ -11,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -56,11 +55,6 @@ def resize_nearest_np(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     rows = nearest_indices(x.shape[0], size[0])
     cols = nearest_indices(x.shape[1], size[1])
     return x[rows][:, cols]
-
-
-def label_pyramid(labels: jnp.ndarray, sizes: Iterable[tuple[int, int]]) -> dict:
-    """Resize `labels` (N, H, W) once to each of `sizes`; returns {(h, w): (N, h, w)}."""
-    return {tuple(s): resize_nearest(labels, tuple(s)) for s in dict.fromkeys(map(tuple, sizes))}
 
 
 def instance_edges(instance: jnp.ndarray) -> jnp.ndarray:

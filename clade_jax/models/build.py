@@ -15,7 +15,8 @@ from clade_jax.models.discriminator import MultiscaleDiscriminator
 from clade_jax.models.encoder import ConvEncoder
 from clade_jax.models.generator import Generator
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# No float16: it needs loss scaling, which the training step does not do (bfloat16 does not).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def compute_dtype(config):
