@@ -5,7 +5,8 @@ Paints two strokes of two classes with real pointer events on a cleared canvas, 
 photo, and checks that the label map the server received (decoded from the page's own PNG
 encoder) is exactly the page's integer label buffer, holds exactly the painted ids (the stroke
 pixels have the stroke's class, nothing else is anti-aliased in), and that the photo changed. Also
-undo, and a screenshot of the page for the README (`docs/paint.png`).
+undo, flood fill (exactly the 4-connected region), the eraser (the don't-care class), loading a
+validation map, and a screenshot of the page for the README (`docs/paint.png`).
 
 Skipped, saying why, where /usr/bin/chromium or chromedriver is missing (`.ci/run` installs them).
 """
@@ -24,8 +25,10 @@ import numpy as np
 import pytest
 from conftest import TINY_RUN_GROUP
 from PIL import Image
+from scipy import ndimage
 from test_paint import amplified_paint_model
 
+from clade_jax.data import synthetic
 from clade_jax.paint.server import create_app, serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
@@ -221,6 +224,26 @@ def test_painted_strokes_reach_the_server_as_exact_ids_and_change_the_photo(page
     driver.find_element(By.ID, "undo").click()
     labels = settled(driver, model, version)
     assert set(np.unique(labels).tolist()) == {sky, grass}
+
+    # Flood fill recolours exactly the 4-connected sky region under the click (scipy's labelling
+    # as the reference); then the eraser paints the don't-care class.
+    water = 3
+    select(driver, "wat", water)
+    driver.find_element(By.ID, "tool-fill").click()
+    version = photo_version(driver)
+    (click,) = stroke(driver, [(0.0, -0.45)])
+    filled = settled(driver, model, version)
+    components, _ = ndimage.label(labels == sky)  # 4-connected
+    expected = labels.copy()
+    expected[components == components[pixel(driver, model, click)]] = water
+    np.testing.assert_array_equal(filled, expected)
+    driver.find_element(By.ID, "tool-eraser").click()
+    version = photo_version(driver)
+    erased = stroke(driver, [(-0.3, -0.3), (0.3, -0.3)])
+    labels = settled(driver, model, version)
+    assert set(np.unique(labels).tolist()) == set(np.unique(filled).tolist()) | {synthetic.DONTCARE}
+    assert labels[pixel(driver, model, erased[0])] == synthetic.DONTCARE
+    driver.find_element(By.ID, "tool-brush").click()
 
     # A random validation map, then the README's screenshot: validation scene 7 (fixed, so the
     # file does not change from run to run) with a painted building.
