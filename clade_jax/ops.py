@@ -4,7 +4,7 @@
   (the official encoder's resize to 256x256 and pytorch-fid's resize to 299x299). Implemented as
   two small interpolation matrices, so it is exact for up- and downsampling alike.
 * `avg_pool_3x3_s2`: `F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)` (the
-  multiscale discriminator's downsampling).
+  multiscale discriminator's downsampling), by Flax's `nnx.avg_pool`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -44,10 +45,10 @@ def resize_bilinear(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
 
 
 def avg_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
-    """3x3 average pool, stride 2, padding 1, padded cells excluded from the count. NHWC."""
-    window, strides = (1, 3, 3, 1), (1, 2, 2, 1)
-    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
-    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pad)
-    ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
-    count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, pad)
-    return total / count
+    """3x3 average pool, stride 2, padding 1, padded cells excluded from the count. NHWC.
+
+    Flax's pool (window sum / window count, as PyTorch); the count is float32, so the result is
+    cast back to the input's dtype (bfloat16 compute stays bfloat16).
+    """
+    y = nnx.avg_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), count_include_pad=False)
+    return y.astype(x.dtype)

@@ -123,6 +123,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.batch_size = 16  # synthesis batch size
     e.max_images = 0  # > 0 evaluates on the first N images only
     e.segmenter_workdir = ""  # workdir of a segmenter trained with configs/segmenter.py
+    e.protocol = "native"  # clade | spade | oasis | native (README: "Evaluation protocols")
+    e.segmenter = ""  # "": the protocol's; upernet101 | deeplabv2 | drn_d_105 | a registry name
+    e.segmenter_weights = ""  # the paper segmenter's published file(s), comma-separated
     return c
 
 
@@ -176,7 +179,9 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
 
 def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
     """A configuration that trains in seconds on a CPU: 64-wide images, narrow networks."""
-    num_up = {"normal": 5, "more": 6, "most": 7}[c.model.num_upsampling_layers]
+    from clade_jax.models.generator import NUM_UP  # imported only for tiny configs (jax)
+
+    num_up = NUM_UP[c.model.num_upsampling_layers]
     c.data.crop_size = max(64, 2**num_up * math.ceil(c.data.aspect_ratio))  # latent grid >= 1
     c.data.load_size = c.data.crop_size + (8 if c.data.preprocess == "resize_and_crop" else 0)
     c.data.num_workers = 0

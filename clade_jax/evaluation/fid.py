@@ -96,20 +96,16 @@ def _same(in_features: int, out_features: int, kh: int, kw: int, *, rngs: nnx.Rn
 
 
 def _max_pool(x: jnp.ndarray, stride: int, padding: int) -> jnp.ndarray:
-    """3x3 max pool; padded cells never win (PyTorch pads max pooling with -inf)."""
-    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pad
-    )
+    """3x3 max pool; padded cells never win (Flax, like PyTorch, pads max pooling with -inf)."""
+    pad = ((padding, padding), (padding, padding))
+    return nnx.max_pool(x, (3, 3), strides=(stride, stride), padding=pad)
 
 
 def _avg_pool_exclude_pad(x: jnp.ndarray) -> jnp.ndarray:
     """3x3 average pool, stride 1, padding 1, count_include_pad=False (the FID blocks' variant)."""
-    window, strides, pad = (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pad)
-    ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
-    count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, pad)
-    return total / count
+    return nnx.avg_pool(
+        x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False
+    )
 
 
 class InceptionA(nnx.Module):
