@@ -46,30 +46,22 @@ def lr_factor(config, dataset_size: int):
     for `num_epochs` epochs, then in decay epoch k (k = 0, 1, ...) the factor 1 - k / n_decay, so
     the last epoch runs at 1 / n_decay. With `num_train_steps` > 0 the same shape is stretched
     over that many steps: the decay covers the fraction num_decay / (num + num_decay), per step.
+    Built from optax's `join_schedules` of a constant and a `linear_schedule`.
     """
     n, n_decay = config.num_epochs, config.num_decay_epochs
+    if n_decay <= 0 or (config.num_train_steps > 0 and n + n_decay <= 0):
+        return lambda step: jnp.ones((), jnp.float32)
     if config.num_train_steps > 0:
         total = config.num_train_steps
-        if n + n_decay <= 0 or n_decay <= 0:
-            return lambda step: jnp.ones((), jnp.float32)
-        decay_steps = max(1, round(total * n_decay / (n + n_decay)))
-        start = total - decay_steps
-
-        def per_step(step):
-            k = jnp.maximum(step - start, 0)
-            return jnp.clip(1.0 - k / decay_steps, 0.0, 1.0).astype(jnp.float32)
-
-        return per_step
-    spe = steps_per_epoch(config, dataset_size)
-    if n_decay <= 0:
-        return lambda step: jnp.ones((), jnp.float32)
-
-    def per_epoch(step):
-        epoch = step // spe
-        k = jnp.maximum(epoch - n, 0)
-        return jnp.clip(1.0 - k / n_decay, 0.0, 1.0).astype(jnp.float32)
-
-    return per_epoch
+        decay = max(1, round(total * n_decay / (n + n_decay)))
+        unit, start = 1, total - decay  # per step
+    else:
+        decay, unit, start = n_decay, steps_per_epoch(config, dataset_size), n  # per epoch
+    # Constant 1 until `start`, then 1 - k / decay (k = 0, 1, ...), 0 from k = decay on.
+    schedule = optax.join_schedules(
+        [optax.constant_schedule(1.0), optax.linear_schedule(1.0, 0.0, decay)], [start]
+    )
+    return lambda step: jnp.asarray(schedule(step // unit), jnp.float32)
 
 
 def make_optimizer(lr: float, config, factor) -> optax.GradientTransformation:
@@ -103,5 +95,5 @@ def update_ema(ema: nnx.Module, model: nnx.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers (running statistics and
     spectral-norm vectors) are copied from the model."""
     ema_params, params = nnx.state(ema, nnx.Param), nnx.state(model, nnx.Param)
-    nnx.update(ema, jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params))
+    nnx.update(ema, optax.incremental_update(params, ema_params, step_size=1.0 - decay))
     nnx.update(ema, nnx.state(model, nnx.BatchStat))
