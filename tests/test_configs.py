@@ -85,3 +85,24 @@ def test_prepare_checks_labels_with_the_configs_classes(name):
     assert encoding_for(name, label_255_to=-1).label_255_to == -1
     assert encoding_for("custom") is None
     assert encoding_for("custom", num_classes=13).num_classes == 13
+
+
+def test_typed_arg_parser():
+    from clade_jax.configs.common import parse_arg
+
+    a = parse_arg(
+        "norm=spade,icpe,steps=3,lr=0.5,vae=false", norm="", icpe=False, steps=0, lr=0.0, vae=True
+    )
+    assert (a.norm, a.icpe, a.steps, a.lr, a.vae) == ("spade", True, 3, 0.5, False)
+    assert parse_arg(None, steps=7).steps == 7
+    with pytest.raises(ValueError, match="unknown config argument 'nrom'.*known: \\['norm'\\]"):
+        parse_arg("nrom=spade", norm="")
+    with pytest.raises(ValueError, match="'steps=x': steps takes a int"):
+        parse_arg("steps=x", steps=0)
+    with pytest.raises(ValueError, match="'steps': steps takes a int"):
+        parse_arg("steps", steps=0)
+    with pytest.raises(ValueError, match="unknown config argument"):
+        configs.load("synthetic:tiny,nrom=spade")
+    seg = configs.load("segmenter:dataset=ade20k,tiny,width=8,lr=0.01")
+    assert seg.data.num_classes == 151 and seg.model.widths[0] == 8 and seg.optim.lr == 0.01
+    assert seg.data.crop_size == 32  # tiny reached the segmenter's own shrinking

@@ -26,12 +26,32 @@ import math
 import ml_collections
 
 
-def parse_arg(arg: str | None) -> dict:
-    """'norm=spade,icpe,tiny' -> {'norm': 'spade', 'icpe': True, 'tiny': True}."""
-    out = {}
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+    """Typed `arg` parsing in the style of big_vision's `parse_arg`.
+
+    'norm=spade,icpe,steps=3' with spec `norm="", icpe=False, steps=0` gives
+    `{norm: 'spade', icpe: True, steps: 3}`: every key of `spec` with its default unless given,
+    each given value converted to the type of its default (bool: a bare flag is True, or
+    `key=true|false|1|0`). An unknown key or a value of the wrong type is a ValueError naming it.
+    """
+    out = ml_collections.ConfigDict(spec)
     for part in filter(None, (arg or "").split(",")):
-        key, sep, value = part.partition("=")
-        out[key.strip()] = value.strip() if sep else True
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if key not in spec:
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: {sorted(spec)}")
+        default = spec[key]
+        try:
+            if isinstance(default, bool):
+                if sep and value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = (not sep) or value.lower() in ("true", "1")
+            elif not sep:
+                raise ValueError("a value is needed")
+            else:
+                out[key] = type(default)(value)
+        except ValueError:
+            kind = type(default).__name__
+            raise ValueError(f"config argument {part!r}: {key} takes a {kind}") from None
     return out
 
 
@@ -129,51 +149,50 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
+ARG_SPEC = dict(  # the shared `arg` keys (module docstring) with their types and defaults
+    norm="",
+    pfn="",
+    generator="",
+    icpe=False,
+    vae=False,
+    bf16=False,
+    ema=False,
+    steps=0,
+    batch=0,
+    source="",
+    root="",
+    tiny=False,
+)
+
+
 def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Apply the shared `arg` flags (see the module docstring) to a config, in place."""
-    args = parse_arg(arg)
-    known = {
-        "norm",
-        "pfn",
-        "generator",
-        "icpe",
-        "vae",
-        "bf16",
-        "ema",
-        "steps",
-        "batch",
-        "source",
-        "root",
-        "tiny",
-    }
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"unknown config argument(s) {unknown}; known: {sorted(known)}")
-    if "norm" in args:
-        c.model.norm = args["norm"]
-    if "pfn" in args:
-        c.model.param_free_norm = args["pfn"].replace("_nobatch", "")
-        c.model.switchable_batch = not args["pfn"].endswith("_nobatch")
-    if "generator" in args:
-        c.model.generator = args["generator"]
-    if args.get("icpe"):
+    a = parse_arg(arg, **ARG_SPEC)
+    if a.norm:
+        c.model.norm = a.norm
+    if a.pfn:
+        c.model.param_free_norm = a.pfn.replace("_nobatch", "")
+        c.model.switchable_batch = not a.pfn.endswith("_nobatch")
+    if a.generator:
+        c.model.generator = a.generator
+    if a.icpe:
         c.data.icpe = True
-    if args.get("vae"):
+    if a.vae:
         c.model.use_vae = True
-    if args.get("bf16"):
+    if a.bf16:
         c.compute_dtype = "bfloat16"
-    if args.get("ema"):
+    if a.ema:
         c.ema_decay = 0.999
-    if "source" in args:
-        c.data.source = args["source"]
-    if "root" in args:
-        c.data.root = args["root"]
-    if args.get("tiny"):
+    if a.source:
+        c.data.source = a.source
+    if a.root:
+        c.data.root = a.root
+    if a.tiny:
         shrink_to_tiny(c)
-    if "steps" in args:
-        c.num_train_steps = int(args["steps"])
-    if "batch" in args:
-        c.batch_size = int(args["batch"])
+    if a.steps:
+        c.num_train_steps = a.steps
+    if a.batch:
+        c.batch_size = a.batch
     return c
 
 

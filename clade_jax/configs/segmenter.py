@@ -28,22 +28,22 @@ import ml_collections
 from clade_jax import configs
 from clade_jax.configs import common
 
-_DATA_ARGS = ("root", "source", "tiny")  # what the dataset config itself understands
+_DATA_ARGS = dict(root="", source="", tiny=False)  # what the dataset config understands
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_arg(arg)
-    known = {"dataset", "width", "steps", "batch", "lr", "bf16", *_DATA_ARGS}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"unknown segmenter config argument(s) {unknown}; known: {sorted(known)}")
-    dataset = args.get("dataset", "synthetic")
-    data_arg = ",".join(k if v is True else f"{k}={v}" for k, v in args.items() if k in _DATA_ARGS)
+    a = common.parse_arg(
+        arg, dataset="synthetic", width=0, steps=0, batch=0, lr=0.0, bf16=False, **_DATA_ARGS
+    )
+    # What the dataset config itself understands, passed on as given.
+    data_arg = ",".join(
+        k if v is True else f"{k}={v}" for k in _DATA_ARGS if (v := a[k]) not in ("", False)
+    )
 
     c = ml_collections.ConfigDict()
     c.task = "segmenter"  # train.py dispatches on this
     c.seed = 0  # init and data order
-    c.data = configs.load(dataset, data_arg or None).data
+    c.data = configs.load(a.dataset, data_arg or None).data
     c.data.use_instance = False  # the segmenter needs photos and labels only
     c.data.icpe = False
 
@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.batch_size = 16  # images per segmenter call
     e.max_images = 0  # > 0 scores the first N images only
 
-    if args.get("tiny"):
+    if a.tiny:
         c.data.crop_size = 32
         c.data.load_size = 36 if c.data.preprocess == "resize_and_crop" else 32
         c.data.synthetic_resolution = 36
@@ -86,15 +86,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint_every_steps = 60
         c.eval.batch_size = 8
         c.eval.max_images = 16
-    if "width" in args:
-        w = int(args["width"])
-        c.model.widths = tuple(w * 2**i for i in range(len(c.model.widths)))
-    if "steps" in args:
-        c.num_train_steps = int(args["steps"])
-    if "batch" in args:
-        c.batch_size = int(args["batch"])
-    if "lr" in args:
-        c.optim.lr = float(args["lr"])
-    if args.get("bf16"):
+    if a.width:
+        c.model.widths = tuple(a.width * 2**i for i in range(len(c.model.widths)))
+    if a.steps:
+        c.num_train_steps = a.steps
+    if a.batch:
+        c.batch_size = a.batch
+    if a.lr:
+        c.optim.lr = a.lr
+    if a.bf16:
         c.compute_dtype = "bfloat16"
     return c
