@@ -4,6 +4,7 @@
   `python -m clade_jax.convert` (EMA generator when the run kept one) as an `InferenceModel`: the
   generator (spectral norm folded) and the VAE encoder as one jit-compiled function in eval mode.
 * `sample_keys(seed, k, n)`: the latent-code keys of sample k (the same for every label map).
+* `pad_batch(x, size)`: a short last batch padded to the compiled size (its last row repeated).
 * `to_uint8`: the one quantization of images in [-1, 1] to uint8. Synthesized images are
   truncated as the official `util.tensor2im` (FID on saved images then matches the official test
   script's PNGs); `rounding="nearest"` gives back exactly the uint8 a real photo was read from
@@ -139,6 +140,15 @@ def load_inference_model(workdir: str, step: int | None = None, *, use_ema: bool
 
     config, g, e, step = load_models(workdir, step, use_ema=use_ema)
     return config, InferenceModel(g, e), step
+
+
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """(n, ...) -> (size, ...), n <= size, by repeating the last row: the one way batches are
+    padded to a compiled shape (synthesis, FID features); callers drop the extra rows."""
+    x = np.asarray(x)
+    if len(x) > size:
+        raise ValueError(f"a batch of {len(x)} rows does not fit {size}")
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
 
 
 def sample_keys(seed: int, sample: int, n: int) -> jax.Array:

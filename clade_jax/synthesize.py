@@ -52,7 +52,13 @@ from PIL import Image
 from clade_jax.data.decoding import label_encoding, read_id_map, read_image
 from clade_jax.data.layouts import DataError, natural_key
 from clade_jax.data.transforms import resize_ids, resize_image
-from clade_jax.inference import InferenceModel, load_inference_model, sample_keys, to_uint8
+from clade_jax.inference import (
+    InferenceModel,
+    load_inference_model,
+    pad_batch,
+    sample_keys,
+    to_uint8,
+)
 from clade_jax.layers.labels import check_labels, icpe_offsets
 
 LABEL_ENCODINGS = ("ids", "dataset")
@@ -261,19 +267,16 @@ def synthesize(
     written: dict[tuple[int, int], Path] = {}
     for start in range(0, n, bs):
         rows = list(range(start, min(start + bs, n)))
-        rows += [rows[-1]] * (bs - len(rows))  # pad: one compiled shape
+        maps = {"labels": label_maps, "instance": instance_maps, "icpe": icpe_maps}
         batch = {
-            "labels": np.stack([label_maps[i] for i in rows]),
-            "instance": None
-            if instance_maps is None
-            else np.stack([instance_maps[i] for i in rows]),
-            "icpe": None if icpe_maps is None else np.stack([icpe_maps[i] for i in rows]),
-            "style": None if style_image is None else np.stack([style_image] * bs),
+            k: None if v is None else pad_batch(np.stack([v[i] for i in rows]), bs)
+            for k, v in maps.items()
         }
+        batch["style"] = None if style_image is None else np.stack([style_image] * bs)
         for k in range(num_samples):
             keys = sample_keys(seed, k, bs) if net.use_vae else None
             images = to_uint8(net(**batch, keys=keys))
-            for j, i in enumerate(rows[: min(bs, n - start)]):
+            for j, i in enumerate(rows):
                 name = stems[i] if num_samples == 1 else f"{stems[i]}_sample{k}"
                 path = out / f"{name}.png"
                 Image.fromarray(images[j]).save(path)

@@ -43,3 +43,13 @@ def test_image_grid_rows_are_label_fake_real():
     assert grid.shape == (16, 24, 3) and grid.dtype == np.uint8
     np.testing.assert_array_equal(grid[8:, :8], colorize(labels[1]))
     assert (grid[:, 8:16] == 0).all() and (grid[:, 16:] == 255).all()
+
+
+def test_pad_batch_repeats_the_last_row():
+    from clade_jax.inference import pad_batch
+
+    x = np.arange(6).reshape(3, 2)
+    np.testing.assert_array_equal(pad_batch(x, 5), [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]])
+    assert pad_batch(x, 3) is x
+    with pytest.raises(ValueError, match="4"):
+        pad_batch(np.zeros((4, 1)), 3)

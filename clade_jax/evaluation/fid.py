@@ -37,6 +37,7 @@ from flax import nnx
 
 from clade_jax import ops
 from clade_jax import weights as pretrained
+from clade_jax.inference import pad_batch
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -353,8 +354,7 @@ class InceptionFeatures:
         for start in range(0, n, chunk):
             batch = np.asarray(images[start : start + chunk])
             real = batch.shape[0]
-            if real < chunk:  # pad to the compiled batch shape; padded rows are dropped
-                batch = np.concatenate([batch, np.zeros((chunk - real, *batch.shape[1:]), "u1")])
+            batch = pad_batch(batch, chunk)  # the compiled batch shape; padded rows are dropped
             out.append(np.asarray(self._forward(self._state, batch))[:real])
         return np.concatenate(out).astype(np.float32, copy=False)
 
