@@ -20,9 +20,35 @@ saved). Inference (`clade_jax.synthesize`, the runtime column) folds.
 
 Initialisation is the official `init_weights('xavier', 0.02)`: xavier-normal weights with gain 0.02
 and zero biases.
+
+Weight gradients on XLA:CPU (`conv2d`). XLA:CPU lowers the filter gradient of some convolutions
+to a very slow loop nest: the discriminator's stride-1 kernel-4 256 -> 512 convolutions took
+12-17 s for their weight gradient at batch 2 (33x33 output) against ~0.1 s for the same
+arithmetic as a matrix product (benchmarks/convs.py, benchmarks/RESULTS.md). `conv2d` therefore
+has a `jax.custom_vjp` whose backward forms the weight gradient from the kernel taps: for each
+tap (i, j) the strided slice of the padded input, all taps stacked, contracted with the output
+gradient in one `dot_general`, `dW[i, j] = sum_{n,y,x} x_pad[n, s*y+i, s*x+j, :]^T g[n, y, x, :]`,
+which is the same sum in real arithmetic (float rounding differs, ~1e-6 relative). The input
+gradient and the forward are XLA's own. `weight_grad="auto"` (the default) takes this path only
+on the CPU backend and only for the shapes where it measured faster (`taps_weight_grad_wins`);
+on GPU / TPU every convolution is the plain `lax.conv_general_dilated` and its ordinary
+autodiff. `"xla"` and `"taps"` force one or the other (tests check both give the same gradients).
+
+Convolutions of a one-hot label map (`onehot_conv`, `Conv2d(x, labels=...)`): SPADE's shared
+modulation conv, the discriminator's first layer and the generators' label-map input convs see
+`one_hot(labels)` (151-183 channels, all but one zero per pixel). On CPU these are computed as
+what they are, a sum over the kernel taps of rows gathered from the kernel,
+`y[n, y, x] = sum_{i,j} W[i, j, labels[n, s*y+i-p, s*x+j-p], :]` (padding reads a zero row), and
+their weight gradient is the matching scatter-add: the same nonzero terms as the convolution
+(float rounding of the sum differs, ~1e-7 relative), without the one-hot tensor, ~15x less
+forward and ~40x less backward time for SPADE's 256x256 layer (benchmarks/RESULTS.md). On GPU /
+TPU `method="auto"` keeps the ordinary one-hot convolution.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +64,180 @@ class SpectralVector(nnx.BatchStat):
 def xavier_normal(gain: float = XAVIER_GAIN):
     """PyTorch's `xavier_normal_(gain)`: std = gain * sqrt(2 / (fan_in + fan_out))."""
     return jax.nn.initializers.variance_scaling(gain**2, "fan_avg", "normal")
+
+
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+WEIGHT_GRAD_MODES = ("auto", "xla", "taps")
+_PLAIN = [False]  # set by `plain_formulation()`
+
+
+@contextlib.contextmanager
+def plain_formulation():
+    """While tracing inside this context, `weight_grad="auto"` and `method="auto"` take the
+    plain convolution on every backend: the textbook program, e.g. for counting its
+    convolutions' MACs with XLA's cost analysis (the complexity table) or for comparisons.
+    It acts at trace time: jax caches traces per function, so trace a fresh function here."""
+    _PLAIN[0], before = True, _PLAIN[0]
+    try:
+        yield
+    finally:
+        _PLAIN[0] = before
+
+
+def _cpu_fast_path() -> bool:
+    return not _PLAIN[0] and jax.default_backend() == "cpu"
+
+
+def _plain_conv(x: jnp.ndarray, w: jnp.ndarray, stride: int, padding: int) -> jnp.ndarray:
+    p = padding
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((p, p), (p, p)), dimension_numbers=_DIMENSIONS
+    )
+
+
+def taps_weight_grad(
+    x: jnp.ndarray, g: jnp.ndarray, kernel_size: int, stride: int, padding: int
+) -> jnp.ndarray:
+    """The filter gradient of `_plain_conv` as one matrix product over the kernel taps.
+
+    x: (N, H, W, C) input; g: (N, H', W', O) output gradient -> (k, k, C, O) in x's dtype
+    (accumulated in float32).
+    """
+    k, s, p = kernel_size, stride, padding
+    n, ho, wo, o = g.shape
+    c = x.shape[3]
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    taps = [
+        jax.lax.slice(
+            xp, (0, i, j, 0), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c), (1, s, s, 1)
+        )
+        for i in range(k)
+        for j in range(k)
+    ]
+    cols = jnp.stack(taps).reshape(k * k, n * ho * wo, c)  # (k*k, M, C)
+    dw = jnp.einsum(
+        "tmc,mo->tco", cols, g.reshape(n * ho * wo, o), preferred_element_type=jnp.float32
+    )
+    return dw.reshape(k, k, c, o).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_taps_grad(x, w, stride, padding):
+    return _plain_conv(x, w, stride, padding)
+
+
+def _conv_taps_fwd(x, w, stride, padding):
+    return _plain_conv(x, w, stride, padding), (x, w)
+
+
+def _conv_taps_bwd(stride, padding, residuals, g):
+    x, w = residuals
+    _, input_vjp = jax.vjp(lambda x_: _plain_conv(x_, w, stride, padding), x)
+    (dx,) = input_vjp(g)
+    dw = taps_weight_grad(x, g, w.shape[0], stride, padding).astype(w.dtype)
+    return dx, dw
+
+
+_conv_taps_grad.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+
+
+def taps_weight_grad_wins(x_shape, w_shape, stride: int) -> bool:
+    """Where `taps_weight_grad` beats XLA:CPU's own filter gradient (benchmarks/convs.py).
+
+    Measured over every convolution of the full-size CLADE / SPADE generators and the multiscale
+    discriminator (benchmarks/RESULTS.md, "convs.py"): taps / XLA time was 0.015-0.02 for the
+    discriminator's stride-1 kernel-4 256 -> 512 convolutions (17x17 and 33x33 inputs; XLA 3.3 s
+    and 21 s at batch 2) and 0.41-0.78 for the generator's wide convolutions on grids up to 32x32
+    (e.g. 1024 -> 1024 at 8x8 and 16x16); it was 1.0-1.9 (no gain or a loss) on 64x64 and larger
+    grids, for stride 2, for 1x1 kernels and for narrow layers (C_in * C_out < 128 * 512, such as
+    the 512 -> 1 logits layer: 5-6x slower). The rule keeps exactly the winning group.
+    """
+    k, _, c, o = w_shape
+    h, w = x_shape[1], x_shape[2]
+    return stride == 1 and k > 1 and c * o >= 128 * 512 and h * w <= 48 * 48
+
+
+def conv2d(
+    x: jnp.ndarray, w: jnp.ndarray, *, stride: int = 1, padding: int = 0, weight_grad: str = "auto"
+) -> jnp.ndarray:
+    """NHWC x HWIO convolution with PyTorch's symmetric zero padding.
+
+    weight_grad: "auto" (the taps filter gradient where `taps_weight_grad_wins` on the CPU
+    backend, XLA's own everywhere else), "xla", or "taps". The forward is the same in all three.
+    """
+    if weight_grad not in WEIGHT_GRAD_MODES:
+        raise ValueError(f"weight_grad must be one of {WEIGHT_GRAD_MODES}, got {weight_grad!r}")
+    if weight_grad == "auto":
+        fast = _cpu_fast_path() and taps_weight_grad_wins(x.shape, w.shape, stride)
+        weight_grad = "taps" if fast else "xla"
+    if weight_grad == "taps":
+        return _conv_taps_grad(x, w, stride, padding)
+    return _plain_conv(x, w, stride, padding)
+
+
+def _wt_u(w: jnp.ndarray, u: jnp.ndarray) -> jnp.ndarray:
+    """W^T u for the torch-layout matrix W = (out, in*kh*kw) of the HWIO kernel w, without
+    forming W: a mat-vec on w's own layout, the small result permuted to torch's (in, kh, kw)."""
+    kh, kw, i, o = w.shape
+    return jnp.transpose((w.reshape(-1, o) @ u).reshape(kh, kw, i), (2, 0, 1)).reshape(-1)
+
+
+def _w_v(w: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+    """W v (out,) for the same W, v in torch's (in, kh, kw) order."""
+    kh, kw, i, o = w.shape
+    return jnp.transpose(v.reshape(i, kh, kw), (1, 2, 0)).reshape(-1) @ w.reshape(-1, o)
+
+
+ONEHOT_METHODS = ("auto", "conv", "gather")
+
+
+def onehot_conv(
+    labels: jnp.ndarray,
+    w: jnp.ndarray,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    invalid: str = "zero",
+    method: str = "auto",
+) -> jnp.ndarray:
+    """`conv2d(one_hot(labels, K), w)` for an integer label map, K = w.shape[2].
+
+    labels: (N, H, W) int; w: (k, k, K, O) in the compute dtype -> (N, H', W', O).
+    invalid: what a label outside [0, K) contributes: "zero" (the zero row `jax.nn.one_hot`
+      gives) or "nan" (as if the one-hot input had been poisoned with NaN at that pixel).
+    method: "gather" (tap-wise rows of w), "conv" (the one-hot convolution) or "auto" (gather on
+      the CPU backend, conv elsewhere).
+    """
+    if method not in ONEHOT_METHODS:
+        raise ValueError(f"method must be one of {ONEHOT_METHODS}, got {method!r}")
+    if invalid not in ("zero", "nan"):
+        raise ValueError(f"invalid must be 'zero' or 'nan', got {invalid!r}")
+    k, _, num, o = w.shape
+    bad = (labels < 0) | (labels >= num)
+    if method == "auto":
+        method = "gather" if _cpu_fast_path() else "conv"
+    if method == "conv":
+        x = jax.nn.one_hot(labels, num, dtype=w.dtype)
+        if invalid == "nan":
+            x = jnp.where(bad[..., None], jnp.nan, x)
+        return conv2d(x, w, stride=stride, padding=padding)
+    # Rows num (padding and "zero" labels) and num + 1 ("nan" labels) follow the classes.
+    extra = jnp.stack([jnp.zeros((k, k, o), w.dtype), jnp.full((k, k, o), jnp.nan, w.dtype)], 2)
+    table = jnp.concatenate([w, extra], axis=2)  # (k, k, K + 2, O)
+    idx = jnp.where(bad, num + 1 if invalid == "nan" else num, labels)
+    n, h, wd = labels.shape
+    p, s = padding, stride
+    idx = jnp.pad(idx, ((0, 0), (p, p), (p, p)), constant_values=num)
+    ho, wo = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
+    y = None
+    for i in range(k):
+        for j in range(k):
+            tap = jax.lax.slice(
+                idx, (0, i, j), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1), (1, s, s)
+            )
+            rows = table[i, j][tap]  # (N, H', W', O)
+            y = rows if y is None else y + rows
+    return y
 
 
 def _l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
@@ -87,33 +287,79 @@ class Conv2d(nnx.Module):
 
     def weight(self) -> jnp.ndarray:
         """The effective kernel (spectral-normalized if enabled), float32 (kh, kw, in, out)."""
+        w, sigma = self.kernel_and_sigma()
+        return w if sigma is None else w / sigma
+
+    def kernel_and_sigma(self) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """(raw kernel (kh, kw, in, out), sigma or None): the effective kernel is kernel / sigma.
+
+        With spectral norm in training mode this runs one power iteration and stores u, v.
+        """
         w = self.kernel[...]
         if not self.spectral_norm:
-            return w
-        w_mat = jnp.transpose(w, (3, 2, 0, 1)).reshape(w.shape[3], -1)  # torch (out, in*kh*kw)
+            return w, None
+        # The power iteration on torch's W = (out, in*kh*kw) without materializing W (that
+        # would be a transposed copy of every kernel).
         u, v = self.u[...], self.v[...]
         if not self.use_running_average:
-            w_sg = jax.lax.stop_gradient(w_mat)
-            v = _l2_normalize(w_sg.T @ u)
-            u = _l2_normalize(w_sg @ v)
+            w_sg = jax.lax.stop_gradient(w)
+            v = _l2_normalize(_wt_u(w_sg, u))
+            u = _l2_normalize(_w_v(w_sg, v))
             # set_value, not `[...] =`: under a trace flax's indexed write probes the tracer's
             # `.sharding`, whose error message walks the whole jaxpr (6.9 of the 10.9 s it
             # took to trace a tiny training step).
             self.u.set_value(u)
             self.v.set_value(v)
-        sigma = jnp.dot(u, w_mat @ v)
-        return w / sigma
+        return w, jnp.dot(u, _w_v(w, v))
 
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """x: (N, H, W, in) -> (N, H', W', out) in the compute dtype."""
-        p = self.padding
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            self.weight().astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=((p, p), (p, p)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+    def __call__(
+        self,
+        x: jnp.ndarray | None,
+        *,
+        labels: jnp.ndarray | None = None,
+        num_classes: int = 0,
+        invalid: str = "zero",
+    ) -> jnp.ndarray:
+        """x: (N, H, W, in) -> (N, H', W', out) in the compute dtype.
+
+        With `labels=` (N, H, W) int, the input is `concat([one_hot(labels, num_classes), x])`
+        and x holds only the channels after the one-hot ones (or is None); it is computed
+        without the one-hot tensor (`onehot_conv`; `invalid` as there: "nan" matches poisoning
+        the one-hot input with NaN at invalid labels).
+
+        Spectral norm divides by sigma whichever is smaller, the kernel or the convolution's
+        output (`conv(x, W) / sigma == conv(x, W / sigma)`: the convolution is linear), so the
+        step materializes the smaller of the two scaled copies (and its cotangent). For the
+        generator's 1024-channel layers at 8x8-32x32 that is the output (a 3x3 1024 -> 1024
+        kernel is 36 MB, its 16x16 output 1 MB); for the 256x256 layers, the kernel.
+        """
+        if labels is not None:
+            return self._call_onehot(labels, num_classes, x, invalid)
+        w, sigma = self.kernel_and_sigma()
+        n, h, wd = x.shape[0], x.shape[1], x.shape[2]
+        k, s, p = w.shape[0], self.stride, self.padding
+        out_size = n * ((h + 2 * p - k) // s + 1) * ((wd + 2 * p - k) // s + 1) * w.shape[3]
+        scale_output = sigma is not None and out_size < w.size
+        if sigma is not None and not scale_output:
+            w = w / sigma
+        y = conv2d(x.astype(self.dtype), w.astype(self.dtype), stride=s, padding=p)
+        if scale_output:
+            y = y / sigma.astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+    def _call_onehot(self, labels, num_classes: int, rest, invalid: str) -> jnp.ndarray:
+        w = self.weight().astype(self.dtype)  # spectral norm over the whole kernel
+        if w.shape[2] != num_classes + (0 if rest is None else rest.shape[-1]):
+            raise ValueError(
+                f"kernel has {w.shape[2]} input channels, got {num_classes} classes + "
+                f"{0 if rest is None else rest.shape[-1]}"
+            )
+        s, p = self.stride, self.padding
+        y = onehot_conv(labels, w[:, :, :num_classes], stride=s, padding=p, invalid=invalid)
+        if rest is not None:
+            y = y + conv2d(rest.astype(self.dtype), w[:, :, num_classes:], stride=s, padding=p)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

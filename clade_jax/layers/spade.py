@@ -85,9 +85,8 @@ class SPADE(nnx.Module):
             if edges is None:
                 raise ValueError("this SPADE layer was built with instance_edge=True: pass edges")
             edges = resize_nearest(edges, size)
-        seg = semantic_input(
-            labels, self.num_classes, edges if self.instance_edge else None, self.dtype
-        )
-        actv = jax.nn.relu(self.mlp_shared(seg))
+        # mlp_shared(semantic_input(labels, edges)) without the one-hot tensor (Conv2d's labels=)
+        rest = edges[..., None] if self.instance_edge else None
+        actv = jax.nn.relu(self.mlp_shared(rest, labels=labels, num_classes=self.num_classes))
         y = x_hat * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
         return nan_where_invalid(y, labels, self.num_classes).astype(x.dtype)

@@ -52,8 +52,13 @@ class DLayer(nnx.Module):
         self.norm = ParamFreeNorm(fout, "instance") if normalized else None
         self.activation = activation
 
-    def __call__(self, x):
-        x = self.conv(x)
+    def __call__(self, x, onehot: tuple | None = None):
+        """x (N, H, W, C_in) -> (N, H', W', C_out); with `onehot=(labels, num_classes)` x holds
+        only the channels after the one-hot ones (`Conv2d`'s `labels=`, NaN at invalid labels)."""
+        if onehot is None:
+            x = self.conv(x)
+        else:
+            x = self.conv(x, labels=onehot[0], num_classes=onehot[1], invalid="nan")
         if self.norm is not None:
             x = self.norm(x)
         return jax.nn.leaky_relu(x, 0.2) if self.activation else x
@@ -89,10 +94,12 @@ class NLayerDiscriminator(nnx.Module):
             DLayer(nf, 1, stride=1, normalized=False, activation=False, dtype=dtype, rngs=rngs),
         )
 
-    def __call__(self, x: jnp.ndarray) -> list[jnp.ndarray]:
+    def __call__(self, x: jnp.ndarray, onehot: tuple | None = None) -> list[jnp.ndarray]:
+        """x (N, H, W, C_in), or with `onehot=(labels, num_classes)` the channels after the
+        one-hot ones (see `DLayer`)."""
         outs = []
         for j in range(self.n_layers + 1):
-            x = getattr(self, f"model{j}")(x)
+            x = getattr(self, f"model{j}")(x, onehot) if j == 0 else getattr(self, f"model{j}")(x)
             outs.append(x.astype(jnp.float32))
         return outs
 
@@ -134,14 +141,24 @@ class MultiscaleDiscriminator(nnx.Module):
         if self.use_instance and instance is None:
             raise ValueError("this discriminator was built with use_instance=True: pass instance=")
         edges = instance_edges(instance) if self.use_instance else None
-        seg = semantic_input(labels, self.num_classes, edges, jnp.float32)
-        seg = nan_where_invalid(seg, labels, self.num_classes)
-        return self.forward_input(jnp.concatenate([seg, image.astype(jnp.float32)], axis=-1))
+        rest = image.astype(jnp.float32)  # the input channels after the one-hot ones
+        if edges is not None:
+            rest = jnp.concatenate([edges[..., None].astype(jnp.float32), rest], axis=-1)
+        # Scale 0 takes the one-hot input through `Conv2d`'s `labels=` (no one-hot tensor, no
+        # 151-channel convolution); the pooled input of the other scales is no longer one-hot.
+        results = [self.discriminator_0(rest.astype(self.dtype), (labels, self.num_classes))]
+        if self.num_D > 1:
+            seg = semantic_input(labels, self.num_classes, None, jnp.float32)
+            seg = nan_where_invalid(seg, labels, self.num_classes)
+            x = avg_pool_3x3_s2(jnp.concatenate([seg, rest], axis=-1))
+            results += self.forward_input(x, first_scale=1)
+        return results
 
-    def forward_input(self, x: jnp.ndarray) -> list[list[jnp.ndarray]]:
-        """The official forward on an already concatenated (N, H, W, C) input."""
+    def forward_input(self, x: jnp.ndarray, first_scale: int = 0) -> list[list[jnp.ndarray]]:
+        """The official forward on an already concatenated (N, H, W, C) input (one-hot labels,
+        edges, image), from scale `first_scale` on (x at that scale's resolution)."""
         results = []
-        for i in range(self.num_D):
+        for i in range(first_scale, self.num_D):
             results.append(getattr(self, f"discriminator_{i}")(x.astype(self.dtype)))
             if i + 1 < self.num_D:
                 x = avg_pool_3x3_s2(x)

@@ -31,7 +31,7 @@ from flax import nnx
 from clade_jax.layers.clade import CLADE
 from clade_jax.layers.conv import Conv2d, Linear
 from clade_jax.layers.labels import instance_edges, resize_nearest
-from clade_jax.layers.spade import SPADE, nan_where_invalid, semantic_input
+from clade_jax.layers.spade import SPADE, nan_where_invalid
 
 NUM_UP = {"normal": 5, "more": 6, "most": 7}
 
@@ -341,7 +341,9 @@ class Generator(nnx.Module):
             x = self.fc(z).reshape(n, self.sh, self.sw, 16 * self.ngf)
         else:
             c0 = c(0)
-            x = self.fc(semantic_input(c0.labels, self.num_classes, c0.edges, self.dtype))
+            rest = None if c0.edges is None else c0.edges[..., None]
+            # fc(semantic_input(labels, edges)) without the one-hot tensor
+            x = self.fc(rest, labels=c0.labels, num_classes=self.num_classes)
             x = nan_where_invalid(x, c0.labels, self.num_classes)
         x = self.head_0(x, c(0))
         k = 1

@@ -41,7 +41,6 @@ from flax import nnx
 from clade_jax.layers.conv import Conv2d
 from clade_jax.layers.labels import instance_edges
 from clade_jax.layers.normalization import ParamFreeNorm
-from clade_jax.layers.spade import nan_where_invalid, semantic_input
 
 
 def reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
@@ -174,8 +173,17 @@ class NormConv(nnx.Module):
         self.reflect = reflect
         self.relu = relu
 
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        y = self.norm(self.conv(reflect_pad(x, self.reflect)))
+    def __call__(self, x, *, labels=None, num_classes: int = 0) -> jnp.ndarray:
+        """x (N, H, W, C); with `labels=` (N, H, W) int the input is `concat([one_hot(labels),
+        x])` poisoned with NaN at invalid labels, computed without the one-hot tensor
+        (`Conv2d`'s `labels=`; reflecting the labels reflects the one-hot map)."""
+        if labels is None:
+            y = self.conv(reflect_pad(x, self.reflect))
+        else:
+            labels = reflect_pad(labels[..., None], self.reflect)[..., 0]
+            x = None if x is None else reflect_pad(x, self.reflect)
+            y = self.conv(x, labels=labels, num_classes=num_classes, invalid="nan")
+        y = self.norm(y)
         return jax.nn.relu(y) if self.relu else y
 
 
@@ -339,9 +347,9 @@ class Pix2PixHDGenerator(nnx.Module):
         if h % f or w % f:
             raise ValueError(f"label map sides must be multiples of {f}, got {(h, w)}")
         edges = instance_edges(instance) if self.use_instance else None
-        x = semantic_input(labels, self.num_classes, edges, self.dtype)  # (N, H, W, semantic_nc)
-        x = nan_where_invalid(x, labels, self.num_classes)
-        x = self.conv_in(x)  # (N, H, W, nf)
+        # conv_in(semantic_input(labels, edges)) with NaN at invalid labels, without the one-hot
+        rest = None if edges is None else edges[..., None].astype(self.dtype)
+        x = self.conv_in(rest, labels=labels, num_classes=self.num_classes)  # (N, H, W, nf)
         n = self.n_downsample
         for i in range(n):
             x = getattr(self, f"down_{i}")(x)  # (N, H/2^(i+1), W/2^(i+1), nf * 2^(i+1))

@@ -1,0 +1,152 @@
+"""Every convolution of the GAN step, timed alone: forward, input gradient, weight gradient.
+
+    python benchmarks/convs.py [--batch 1] [--size 256] [--norms clade,spade] [--repeats 3]
+
+The convolutions are those of the full-size ADE20k generator (CLADE and / or SPADE) and the
+multiscale discriminator at `--batch` images of `--size`^2 (the discriminator sees 2 x batch:
+[fake; real]), captured by tracing one forward of each network. For each distinct shape it times,
+in one process and alternating: the forward, the input gradient, XLA's own weight gradient and
+`clade_jax.layers.conv.taps_weight_grad` (the tap-wise matrix-product form), reports the ratio
+taps / XLA and whether `taps_weight_grad_wins` (the rule `conv2d(weight_grad="auto")` uses on
+CPU) picks taps for that shape. Appends a dated block to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from clade_jax import backend  # noqa: E402
+
+backend.configure_cpu_backend()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from clade_jax.configs import ade20k  # noqa: E402
+from clade_jax.layers import conv as conv_lib  # noqa: E402
+from clade_jax.models.build import build_discriminator, build_generator  # noqa: E402
+
+
+def capture_shapes(norms: list[str], batch: int, size: int) -> dict:
+    """{(x_shape, w_shape, stride, padding): [where, ...]} for one G and D forward."""
+    shapes: dict = {}
+    original = conv_lib.conv2d
+
+    def recorder(x, w, *, stride=1, padding=0, weight_grad="auto"):
+        key = (tuple(x.shape), tuple(w.shape), stride, padding)
+        shapes.setdefault(key, set()).add(recorder.where)
+        return original(x, w, stride=stride, padding=padding, weight_grad=weight_grad)
+
+    conv_lib.conv2d = recorder
+    try:
+        for norm in norms:
+            config = ade20k.get_config(f"norm={norm}")
+            config.data.crop_size = size
+            rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))
+            g = build_generator(config, rngs=rngs)
+            labels = jnp.zeros((batch, size, size), jnp.int32)
+            recorder.where = f"G {norm}"
+            jax.eval_shape(lambda gd, st, lab: nnx.merge(gd, st)(lab), *nnx.split(g), labels)
+        d = build_discriminator(config, rngs=rngs)
+        recorder.where = "D"
+        image = jnp.zeros((2 * batch, size, size, 3), jnp.float32)
+        labels = jnp.zeros((2 * batch, size, size), jnp.int32)
+        jax.eval_shape(
+            lambda gd, st, lab, im: nnx.merge(gd, st)(lab, im), *nnx.split(d), labels, image
+        )
+    finally:
+        conv_lib.conv2d = original
+    return shapes
+
+
+def time_fn(fn, args, repeats: int) -> float:
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_shape(x_shape, w_shape, stride, padding, repeats, rng):
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape) * 0.02, jnp.float32)
+    conv = conv_lib._plain_conv  # noqa: SLF001
+    y = jax.eval_shape(lambda a, b: conv(a, b, stride, padding), x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    fns = {
+        "fwd": jax.jit(lambda a, b: conv(a, b, stride, padding)),
+        "dx": jax.jit(lambda a, b, gy: jax.vjp(lambda a_: conv(a_, b, stride, padding), a)[1](gy)),
+        "dw_xla": jax.jit(
+            lambda a, b, gy: jax.vjp(lambda b_: conv(a, b_, stride, padding), b)[1](gy)[0]
+        ),
+        "dw_taps": jax.jit(
+            lambda a, b, gy: conv_lib.taps_weight_grad(a, gy, b.shape[0], stride, padding)
+        ),
+    }
+    args = {"fwd": (x, w), "dx": (x, w, g), "dw_xla": (x, w, g), "dw_taps": (x, w, g)}
+    ref = fns["dw_xla"](x, w, g)
+    err = float(jnp.linalg.norm(fns["dw_taps"](x, w, g) - ref) / jnp.linalg.norm(ref))
+    return {k: time_fn(f, args[k], repeats) for k, f in fns.items()}, err
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--norms", default="clade,spade")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no_results", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    shapes = capture_shapes(args.norms.split(","), args.batch, args.size)
+    rng = np.random.default_rng(0)
+    header = (
+        f"{'x shape':>20} {'kernel':>18} s p | {'fwd':>8} {'dx':>8} {'dw xla':>9} "
+        f"{'dw taps':>8} {'taps/xla':>8} auto  rel.err  where"
+    )
+    lines = [header]
+    print(header, flush=True)
+    total = {"xla": 0.0, "auto": 0.0}
+    for (xs, ws, s, p), where in sorted(shapes.items(), key=lambda kv: -np.prod(kv[0][0])):
+        t, err = bench_shape(xs, ws, s, p, args.repeats, rng)
+        auto = conv_lib.taps_weight_grad_wins(xs, ws, s)
+        total["xla"] += t["dw_xla"]
+        total["auto"] += t["dw_taps"] if auto else t["dw_xla"]
+        line = (
+            f"{str(xs):>20} {str(ws):>18} {s} {p} | {t['fwd'] * 1e3:7.1f}m {t['dx'] * 1e3:7.1f}m "
+            f"{t['dw_xla'] * 1e3:8.1f}m {t['dw_taps'] * 1e3:7.1f}m "
+            f"{t['dw_taps'] / t['dw_xla']:8.3f} {'taps' if auto else 'xla ':4} {err:8.1e}  "
+            f"{', '.join(sorted(where))}"
+        )
+        lines.append(line)
+        print(line, flush=True)
+    summary = (
+        f"sum of distinct weight gradients: XLA {total['xla']:.2f} s, auto rule "
+        f"{total['auto']:.2f} s (ratio {total['auto'] / total['xla']:.3f})"
+    )
+    print(summary)
+    if not args.no_results:
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
+            f.write(
+                f"\n## convs.py {stamp} (batch {args.batch}, {args.size}^2, {args.norms}, "
+                f"median of {args.repeats}, backend {jax.default_backend()}, "
+                f"load {os.getloadavg()[0]:.1f})\n\n```\n"
+            )
+            f.write("\n".join(lines) + f"\n{summary}\n```\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""`conv2d`'s tap-wise weight gradient (the XLA:CPU fast path) against XLA's own autodiff.
+
+The custom backward must give the same input and weight gradients as the plain convolution for
+every stride / kernel / padding / odd size, in float32 and bfloat16; `weight_grad="auto"` must
+take it only on CPU and only where `taps_weight_grad_wins`; and a whole discriminator whose wide
+stride-1 layers take the fast path must have the same gradients as with the plain path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from clade_jax.layers import conv as conv_lib
+from clade_jax.models.discriminator import MultiscaleDiscriminator
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _grads(mode, x, w, stride, padding, g):
+    def f(x_, w_):
+        y = conv_lib.conv2d(x_, w_, stride=stride, padding=padding, weight_grad=mode)
+        return jnp.sum(y.astype(jnp.float32) * g)
+
+    return jax.grad(f, argnums=(0, 1))(x, w)
+
+
+@pytest.mark.parametrize(
+    "n,h,w,c,o,k,stride,padding",
+    [
+        (2, 9, 9, 5, 7, 4, 1, 2),  # the discriminator's stride-1 kernel-4 layers
+        (2, 11, 10, 5, 7, 4, 2, 2),  # its stride-2 layers, odd sizes
+        (1, 8, 8, 6, 4, 3, 1, 1),  # the generator's 3x3 convs
+        (3, 7, 9, 4, 5, 1, 1, 0),  # 1x1
+        (1, 10, 10, 3, 2, 3, 2, 0),  # no padding, stride 2
+        (2, 6, 6, 3, 3, 5, 1, 3),  # padding larger than half the kernel
+    ],
+)
+def test_taps_weight_grad_equals_xla(n, h, w, c, o, k, stride, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    kern = jnp.asarray(rng.standard_normal((k, k, c, o)), jnp.float32)
+    y = conv_lib.conv2d(x, kern, stride=stride, padding=padding, weight_grad="xla")
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    y_taps = conv_lib.conv2d(x, kern, stride=stride, padding=padding, weight_grad="taps")
+    np.testing.assert_array_equal(np.asarray(y_taps), np.asarray(y))  # same forward op
+    dx_ref, dw_ref = _grads("xla", x, kern, stride, padding, g)
+    dx, dw = _grads("taps", x, kern, stride, padding, g)
+    assert _rel(dx, dx_ref) < 1e-6
+    assert _rel(dw, dw_ref) < 1e-5
+    # and against an independent NumPy sum over the taps
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (padding,) * 2, (padding,) * 2, (0, 0)))
+    ho, wo = g.shape[1], g.shape[2]
+    expect = np.zeros((k, k, c, o))
+    for i in range(k):
+        for j in range(k):
+            patch = xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride]
+            expect[i, j] = np.einsum("nhwc,nhwo->co", patch[:, :ho, :wo], np.asarray(g))
+    assert _rel(dw, expect) < 1e-5
+
+
+def test_taps_weight_grad_in_bfloat16():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 16)), jnp.bfloat16)
+    kern = jnp.asarray(rng.standard_normal((4, 4, 16, 8)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((2, 10, 10, 8)), jnp.float32)
+    dx_ref, dw_ref = _grads("xla", x, kern, 1, 2, g)
+    dx, dw = _grads("taps", x, kern, 1, 2, g)
+    assert dw.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
+    assert _rel(dx, dx_ref) < 1e-2
+    assert _rel(dw, dw_ref) < 1e-2
+    assert float(jnp.max(jnp.abs(dw.astype(jnp.float32)))) > 0.1  # not a zero gradient
+
+
+def _uses_taps(fn, *args) -> bool:
+    return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_auto_takes_the_taps_path_only_on_cpu_and_only_where_it_wins(monkeypatch):
+    wide = (jnp.zeros((2, 17, 17, 256)), jnp.zeros((4, 4, 256, 512)))
+    conv = lambda s: lambda x, w: conv_lib.conv2d(x, w, stride=s, padding=2)
+    assert jax.default_backend() == "cpu"
+    assert _uses_taps(conv(1), *wide)
+    assert not _uses_taps(conv(2), *wide)  # stride 2: XLA's own
+    narrow = (jnp.zeros((2, 17, 17, 64)), jnp.zeros((4, 4, 64, 128)))
+    assert not _uses_taps(conv(1), *narrow)
+    big_grid = (jnp.zeros((1, 64, 64, 256)), jnp.zeros((3, 3, 256, 512)))
+    assert not _uses_taps(conv(1), *big_grid)
+    assert _uses_taps(lambda x, w: conv_lib.conv2d(x, w, padding=2, weight_grad="taps"), *narrow)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not _uses_taps(conv(1), *wide)  # the ordinary path on GPU / TPU
+    with pytest.raises(ValueError, match="weight_grad"):
+        conv_lib.conv2d(*narrow, weight_grad="fast")
+
+
+def test_discriminator_gradients_equal_with_and_without_the_fast_path(monkeypatch):
+    """ndf 64 at 40x40: the stride-1 256 -> 512 layer (5x5 grid) takes the taps path."""
+    rng = np.random.default_rng(2)
+    labels = jnp.asarray(rng.integers(0, 5, (2, 40, 40)), jnp.int32)
+    image = jnp.asarray(rng.uniform(-1, 1, (2, 40, 40, 3)), jnp.float32)
+    taps_calls = []
+    original = conv_lib._conv_taps_grad  # noqa: SLF001
+    monkeypatch.setattr(
+        conv_lib, "_conv_taps_grad", lambda *a: taps_calls.append(a[1].shape) or original(*a)
+    )
+
+    def loss(model):
+        feats = model(labels, image)
+        return sum(jnp.mean(f[-1]) + sum(jnp.mean(jnp.abs(x)) for x in f[:-1]) for f in feats)
+
+    def grads():
+        d = MultiscaleDiscriminator(5, ndf=64, n_layers=4, num_D=2, rngs=nnx.Rngs(0))
+        return nnx.to_flat_state(nnx.grad(loss)(d))
+
+    fast = grads()
+    assert taps_calls == [(4, 4, 256, 512)] * 2  # one per scale
+    monkeypatch.setattr(conv_lib, "taps_weight_grad_wins", lambda *a: False)
+    plain = grads()
+    assert len(taps_calls) == 2
+    assert len(fast) == len(plain) > 0
+    for (path, a), (_, b) in zip(fast, plain, strict=True):
+        assert _rel(a[...], b[...]) < 1e-5, path
+
+
+@pytest.mark.parametrize("invalid", ["zero", "nan"])
+@pytest.mark.parametrize(
+    "k,stride,padding", [(3, 1, 1), (4, 2, 2), (4, 1, 2), (7, 1, 0), (1, 1, 0)]
+)
+def test_onehot_gather_equals_the_onehot_convolution(invalid, k, stride, padding):
+    rng = np.random.default_rng(3)
+    num = 6
+    labels = rng.integers(0, num, (2, 11, 9))
+    labels[0, 3, 4] = num  # == num_classes: not a class (nor the padding row)
+    labels[1, 7, 1] = -1
+    labels = jnp.asarray(labels, jnp.int32)
+    w = jnp.asarray(rng.standard_normal((k, k, num, 5)), jnp.float32)
+
+    def run(method, w_):
+        return conv_lib.onehot_conv(
+            labels, w_, stride=stride, padding=padding, invalid=invalid, method=method
+        )
+
+    ref, got = run("conv", w), run("gather", w)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.isnan(ref).any() == (invalid == "nan")
+    finite = ~np.isnan(np.asarray(ref))
+    np.testing.assert_allclose(np.asarray(got)[finite], np.asarray(ref)[finite], atol=1e-5)
+    if invalid == "zero":
+        g = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+        dw_ref = jax.grad(lambda w_: jnp.sum(run("conv", w_) * g))(w)
+        dw = jax.grad(lambda w_: jnp.sum(run("gather", w_) * g))(w)
+        assert _rel(dw, dw_ref) < 1e-6
+    assert "gather" in str(jax.make_jaxpr(lambda w_: run("auto", w_))(w))
+
+
+def test_onehot_auto_is_the_plain_convolution_off_cpu(monkeypatch):
+    labels = jnp.zeros((1, 4, 4), jnp.int32)
+    w = jnp.ones((3, 3, 5, 2))
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    jaxpr = str(jax.make_jaxpr(lambda w_: conv_lib.onehot_conv(labels, w_, padding=1))(w))
+    assert "conv_general_dilated" in jaxpr and "gather" not in jaxpr
+    with pytest.raises(ValueError, match="method"):
+        conv_lib.onehot_conv(labels, w, method="fast")
+
+
+def test_plain_formulation_turns_both_fast_paths_off():
+    labels = jnp.zeros((1, 4, 4), jnp.int32)
+    w = jnp.ones((3, 3, 5, 2))
+    wide = (jnp.zeros((2, 17, 17, 256)), jnp.zeros((4, 4, 256, 512)))
+    onehot = lambda w_: conv_lib.onehot_conv(labels, w_, padding=1)
+    with conv_lib.plain_formulation():
+        assert "gather" not in str(jax.make_jaxpr(onehot)(w))
+        assert not _uses_taps(lambda x, k: conv_lib.conv2d(x, k, padding=2), *wide)
+    # restored on exit (fresh functions: jax caches the traces of the ones above)
+    assert "gather" in str(jax.make_jaxpr(lambda w_: conv_lib.onehot_conv(labels, w_))(w))
+    assert _uses_taps(lambda x, k: conv_lib.conv2d(x, k, padding=2, stride=1), *wide)
+
+
+@pytest.mark.parametrize("spectral", [False, True])
+def test_conv2d_with_labels_equals_the_concatenated_input(spectral):
+    rng = np.random.default_rng(4)
+    conv = conv_lib.Conv2d(
+        7 + 2, 4, 3, padding=1, spectral_norm=spectral, use_bias=True, rngs=nnx.Rngs(1)
+    )
+    conv.bias.set_value(jnp.arange(4.0))
+    labels = jnp.asarray(rng.integers(0, 7, (2, 6, 5)), jnp.int32)
+    rest = jnp.asarray(rng.standard_normal((2, 6, 5, 2)), jnp.float32)
+    x = jnp.concatenate([jax.nn.one_hot(labels, 7), rest], axis=-1)
+    for mode in ("train", "eval"):
+        getattr(conv, mode)()
+        a = nnx.clone(conv)
+        b = nnx.clone(conv)
+        ref = a(x)
+        got = b(rest, labels=labels, num_classes=7)
+        assert _rel(got, ref) < 1e-6, mode
+        if spectral and mode == "train":  # one power iteration each, the same vectors
+            assert _rel(b.u[...], a.u[...]) < 1e-6
+    with pytest.raises(ValueError, match="input channels"):
+        conv(rest, labels=labels, num_classes=6)
+
+
+def test_discriminator_forward_equals_the_official_concatenated_forward():
+    d = MultiscaleDiscriminator(5, use_instance=True, ndf=8, n_layers=3, num_D=3, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(5)
+    labels = jnp.asarray(rng.integers(0, 5, (2, 24, 24)), jnp.int32)
+    instance = jnp.asarray(rng.integers(0, 3, (2, 24, 24)), jnp.int32)
+    image = jnp.asarray(rng.uniform(-1, 1, (2, 24, 24, 3)), jnp.float32)
+    from clade_jax.layers.labels import instance_edges
+
+    x = jnp.concatenate(
+        [jax.nn.one_hot(labels, 5), instance_edges(instance)[..., None], image], axis=-1
+    )
+    a, b = nnx.clone(d), nnx.clone(d)
+    got, ref = a(labels, image, instance), b.forward_input(x)
+    assert len(got) == len(ref) == 3
+    for fg, fr in zip(got, ref, strict=True):
+        for g, r in zip(fg, fr, strict=True):
+            assert _rel(g, r) < 1e-5
+    bad = labels.at[0, 5, 5].set(9)
+    assert np.isnan(np.asarray(a(bad, image, instance)[0][-1][0])).any()
