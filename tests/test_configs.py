@@ -106,3 +106,16 @@ def test_typed_arg_parser():
     seg = configs.load("segmenter:dataset=ade20k,tiny,width=8,lr=0.01")
     assert seg.data.num_classes == 151 and seg.model.widths[0] == 8 and seg.optim.lr == 0.01
     assert seg.data.crop_size == 32  # tiny reached the segmenter's own shrinking
+
+
+@pytest.mark.parametrize("old, new", [("spade", "spade_clade"), ("unpool_vaegan", "unpool")])
+def test_old_generator_names_of_stored_configs_still_build(old, new):
+    """config.json of an older workdir names the generator by its old name: same network."""
+    from clade_jax.models.build import generator_kwargs
+
+    c = configs.load("synthetic:tiny")
+    c.model.generator = new
+    want = generator_kwargs(c)
+    c.model.generator = old
+    with pytest.warns(DeprecationWarning, match=f"'{old}' is now '{new}'"):
+        assert generator_kwargs(c) == want

@@ -27,7 +27,7 @@ VARIANTS = {
     "switchable": "pfn=switchable",
     "switchable_nobatch": "pfn=switchable_nobatch",
     # seed 003's whole system: unpooling, SPADE norms, switchable normalization
-    "unpool_vaegan": "generator=unpool_vaegan,norm=spade,pfn=switchable",
+    "unpool_vaegan": "generator=unpool,norm=spade,pfn=switchable",
 }
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 import clade_jax.models.unpool_vaegan as uv
 from clade_jax.models.build import count_params
 from clade_jax.models.unpool_vaegan import (
-    UnpoolVAEGANGenerator,
+    UnpoolGenerator,
     max_pool_with_indices,
     max_unpool,
     torch_indices,
@@ -124,7 +124,7 @@ def compiled(fn, model):
 
 def _tiny(**kwargs):
     args = dict(ngf=2, crop_size=32, encoder_convs=(1, 1, 1, 1, 1)) | kwargs
-    return materialize(lambda: UnpoolVAEGANGenerator(5, **args, rngs=nnx.Rngs(0)))
+    return materialize(lambda: UnpoolGenerator(5, **args, rngs=nnx.Rngs(0)))
 
 
 def _labels(shape=(2, 32, 32), seed=0):
@@ -163,7 +163,7 @@ def test_spade_forward_unpools_with_the_encoder_masks(monkeypatch):
 
 
 def test_parameter_count_is_spade_without_fc_plus_a_vgg19_encoder():
-    model = nnx.eval_shape(lambda: UnpoolVAEGANGenerator(151, norm="spade", rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: UnpoolGenerator(151, norm="spade", rngs=nnx.Rngs(0)))
     nf = 64
     widths = [2 * nf, 4 * nf, 8 * nf, 16 * nf, 16 * nf]
     enc, c_in = 0, 151
@@ -207,7 +207,7 @@ def test_config_knobs_reach_the_generator():
     from clade_jax.configs import ade20k
     from clade_jax.models.build import build_generator
 
-    c = ade20k.get_config("generator=unpool_vaegan")
+    c = ade20k.get_config("generator=unpool")
     c.model.unpool_num = 2
     c.model.unpool_encoder_convs = (1, 1, 1, 2, 1)
     c.model.unpool_encoder_norm = "none"
@@ -217,6 +217,6 @@ def test_config_knobs_reach_the_generator():
     assert names == {"conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv4_2", "conv5_1"}
     assert g.encoder.conv1_1.conv.bias is not None  # no norm: the convs keep their biases
     default = nnx.eval_shape(
-        lambda: build_generator(ade20k.get_config("generator=unpool_vaegan"), rngs=nnx.Rngs(0))
+        lambda: build_generator(ade20k.get_config("generator=unpool"), rngs=nnx.Rngs(0))
     )
     assert default.num_unpool == 4 and default.encoder.convs == (2, 2, 4, 4, 4)

@@ -7,7 +7,8 @@ pairs or bare flags.
 Flags and keys understood by every config:
   norm=clade|spade|none      model.norm
   pfn=batch|instance|switchable|switchable_nobatch   model.param_free_norm (+ switchable_batch)
-  generator=spade            model.generator (the SPADE/CLADE generator)
+  generator=NAME             model.generator: spade_clade (the SPADE/CLADE generator), pix2pixhd,
+                             unpool
   icpe                       CLADE-ICPE positional encoding (data.icpe)
   vae                        multi-modal / style-guided model with the VAE encoder
   bf16                       compute_dtype bfloat16 (GPU / TPU)
@@ -95,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.max_examples = 0  # >0 truncates the dataset (debugging, tests)
 
     c.model = m = ml_collections.ConfigDict()
-    m.generator = "spade"  # spade (SPADE/CLADE) | pix2pixhd (baseline) | unpool_vaegan (seed 003)
+    m.generator = "spade_clade"  # spade_clade (norm: model.norm) | pix2pixhd | unpool (seed 003)
     m.norm = "clade"  # clade | spade | none
     m.param_free_norm = "batch"  # batch (synchronized over all devices) | instance | switchable
     m.switchable_batch = True  # switchable norm mixes batch statistics too (False: seed 003's)
@@ -104,9 +105,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.spectral_norm = True  # spectral norm on the generator's residual-block convs
     m.use_vae = False  # VAE style encoder + KL term (multi-modal, style-guided synthesis)
     m.z_dim = 256  # latent size of the VAE path
-    m.unpool_num = -1  # unpool_vaegan: upsamplings that unpool (-1: all but the last, seed 003)
-    m.unpool_encoder_convs = ()  # unpool_vaegan: convs per encoder stage (): VGG19's (2,2,4,4,4)
-    m.unpool_encoder_norm = "instance"  # unpool_vaegan: the encoder's param-free norm
+    m.unpool_num = -1  # unpool: upsamplings that unpool (-1: all but the last, seed 003)
+    m.unpool_encoder_convs = ()  # unpool: convs per encoder stage (): VGG19's (2,2,4,4,4)
+    m.unpool_encoder_norm = "instance"  # unpool: the encoder's param-free norm
     m.ndf = 64  # discriminator base width
     m.n_layers_D = 4  # convolutions per discriminator
     m.num_D = 2  # discriminator scales

@@ -137,7 +137,7 @@ def config_from_options(options: Mapping) -> ml_collections.ConfigDict:
         raise ValueError(
             f"unsupported netG {options['netG']!r}: only the SPADE/CLADE generator converts"
         )
-    m.generator = "spade"
+    m.generator = "spade_clade"
     m.norm = options.get("norm_mode", "spade")
     norm_g = options.get("norm_G", "spectralspadesyncbatch3x3")
     m.param_free_norm = param_free_norm_from(norm_g)

@@ -129,8 +129,8 @@ VARIANTS = (
     # Seed 003: SPADE with switchable normalization, and its unpooling generator (with SPADE and
     # switchable norms, as the report trains it; and with CLADE). No published numbers.
     Variant("SPADE-SwitchNorm", "norm=spade,pfn=switchable"),
-    Variant("Unpool VAE-GAN", "generator=unpool_vaegan,norm=spade,pfn=switchable"),
-    Variant("CLADE-Unpool", "generator=unpool_vaegan,norm=clade"),
+    Variant("Unpool VAE-GAN", "generator=unpool,norm=spade,pfn=switchable"),
+    Variant("CLADE-Unpool", "generator=unpool,norm=clade"),
 )
 # Datasets with instance maps also get this row (the paper's Table 3 CLADE column has none).
 NO_INSTANCE_VARIANT = Variant("CLADE (no inst.)", "norm=clade", instance=False)

@@ -7,6 +7,8 @@ through these functions, so a config means the same network everywhere.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,7 +30,24 @@ def compute_dtype(config):
     return DTYPES[config.compute_dtype]
 
 
-GENERATORS = ("spade", "pix2pixhd", "unpool_vaegan")
+GENERATORS = ("spade_clade", "pix2pixhd", "unpool")
+# Names of earlier versions (configs stored in old workdirs' config.json): "spade" built CLADE
+# too (the norm is model.norm), "unpool_vaegan" has no VAE path.
+DEPRECATED_GENERATORS = {"spade": "spade_clade", "unpool_vaegan": "unpool"}
+
+
+def generator_name(config) -> str:
+    """`config.model.generator`, with an old name mapped to the current one (and a warning)."""
+    name = config.model.generator
+    if name in DEPRECATED_GENERATORS:
+        new = DEPRECATED_GENERATORS[name]
+        warnings.warn(
+            f"model.generator={name!r} is now {new!r}; the old name will go away",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return new
+    return name
 
 
 def _spade_kwargs(config) -> dict:
@@ -53,17 +72,20 @@ def _spade_kwargs(config) -> dict:
 def generator_kwargs(config) -> dict:
     """Keyword arguments of the generator named by `config.model.generator`:
 
-    * "spade": the SPADE / CLADE generator of the papers (`Generator`);
+    * "spade_clade": the SPADE / CLADE generator of the papers (`Generator`; `model.norm` picks
+      the normalization);
     * "pix2pixhd": the pix2pixHD global generator, the papers' baseline (`Pix2PixHDGenerator`);
-    * "unpool_vaegan": seed 003's feature-focused generator with max-unpooling
-      (`UnpoolVAEGANGenerator`).
+    * "unpool": seed 003's feature-focused generator with max-unpooling (`UnpoolGenerator`).
+
+    The old names "spade" and "unpool_vaegan" are accepted (`DEPRECATED_GENERATORS`).
     """
     m, d = config.model, config.data
-    if m.generator == "spade":
+    name = generator_name(config)
+    if name == "spade_clade":
         return dict(**_spade_kwargs(config), use_vae=m.use_vae, z_dim=m.z_dim)
     if m.use_vae:
-        raise ValueError(f"model.generator={m.generator!r} has no VAE path (model.use_vae)")
-    if m.generator == "pix2pixhd":
+        raise ValueError(f"model.generator={name!r} has no VAE path (model.use_vae)")
+    if name == "pix2pixhd":
         if d.icpe:
             raise ValueError("model.generator='pix2pixhd' has no ICPE (data.icpe)")
         return dict(
@@ -74,7 +96,7 @@ def generator_kwargs(config) -> dict:
             crop_size=d.crop_size,
             aspect_ratio=d.aspect_ratio,
         )
-    if m.generator == "unpool_vaegan":
+    if name == "unpool":
         # .get: workdirs written before these knobs existed load with the defaults.
         num_unpool = m.get("unpool_num", -1)
         return dict(
@@ -88,14 +110,12 @@ def generator_kwargs(config) -> dict:
 
 def build_generator(config, *, rngs: nnx.Rngs) -> nnx.Module:
     from clade_jax.models.pix2pixhd import Pix2PixHDGenerator
-    from clade_jax.models.unpool_vaegan import UnpoolVAEGANGenerator
+    from clade_jax.models.unpool_vaegan import UnpoolGenerator
 
-    cls = {
-        "spade": Generator,
-        "pix2pixhd": Pix2PixHDGenerator,
-        "unpool_vaegan": UnpoolVAEGANGenerator,
-    }.get(config.model.generator)
-    kwargs = generator_kwargs(config)
+    kwargs = generator_kwargs(config)  # raises on an unknown name
+    cls = {"spade_clade": Generator, "pix2pixhd": Pix2PixHDGenerator, "unpool": UnpoolGenerator}[
+        generator_name(config)
+    ]
     return cls(**kwargs, dtype=compute_dtype(config), rngs=rngs)
 
 

@@ -1,4 +1,4 @@
-"""The feature-focused "VAE-GAN" generator of seed 003 (`model.generator = 'unpool_vaegan'`), NHWC.
+"""The feature-focused generator of seed 003's "VAE-GAN" (`model.generator = 'unpool'`), NHWC.
 
 Seed 003 (Gorrepati & Lau, "Semantic Image Synthesis using a Spatially Adaptive feature-focused
 VAE-GAN with Switchable Normalization") keeps SPADE's residual blocks but replaces the plain
@@ -219,7 +219,7 @@ class LabelEncoder(nnx.Module):
 # ----------------------------------------------------------------------------- generator
 
 
-class UnpoolVAEGANGenerator(nnx.Module):
+class UnpoolGenerator(nnx.Module):
     """SPADE / CLADE generator with encoder-guided max-unpooling (seed 003; module docstring).
 
     Args:

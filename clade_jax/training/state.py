@@ -16,7 +16,7 @@ from flax import nnx
 from clade_jax.models.build import build_discriminator, build_encoder, build_generator
 
 
-class Synthesizer(nnx.Module):
+class GeneratorAndEncoder(nnx.Module):
     """What the generator optimizer updates: the generator and (with the VAE) the encoder."""
 
     def __init__(self, g: nnx.Module, e: nnx.Module | None):
@@ -76,7 +76,9 @@ class GANState(nnx.Module):
 
     def __init__(self, config, dataset_size: int, *, rngs: nnx.Rngs):
         factor = lr_factor(config, dataset_size)
-        self.gen = Synthesizer(build_generator(config, rngs=rngs), build_encoder(config, rngs=rngs))
+        self.gen = GeneratorAndEncoder(
+            build_generator(config, rngs=rngs), build_encoder(config, rngs=rngs)
+        )
         self.d = build_discriminator(config, rngs=rngs)
         self.opt_g = nnx.Optimizer(
             self.gen, make_optimizer(config.optim.lr_g, config, factor), wrt=nnx.Param
