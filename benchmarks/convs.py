@@ -35,6 +35,7 @@ from flax import nnx  # noqa: E402
 from clade_jax.configs import ade20k  # noqa: E402
 from clade_jax.layers import conv as conv_lib  # noqa: E402
 from clade_jax.models.build import build_discriminator, build_generator  # noqa: E402
+from clade_jax.training import runtime  # noqa: E402
 
 
 def capture_shapes(norms: list[str], batch: int, size: int) -> dict:
@@ -52,7 +53,7 @@ def capture_shapes(norms: list[str], batch: int, size: int) -> dict:
         for norm in norms:
             config = ade20k.get_config(f"norm={norm}")
             config.data.crop_size = size
-            rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))
+            rngs = nnx.Rngs(runtime.init_key(0))
             g = build_generator(config, rngs=rngs)
             labels = jnp.zeros((batch, size, size), jnp.int32)
             recorder.where = f"G {norm}"

@@ -64,6 +64,7 @@ def child(norm: str, batch: int, size: int, steps: int, parts: bool) -> dict:
     from flax import nnx
 
     from clade_jax.configs import ade20k
+    from clade_jax.training import runtime
     from clade_jax.training import step as step_lib
     from clade_jax.training.memory import release_host_memory
     from clade_jax.training.state import GANState
@@ -71,7 +72,7 @@ def child(norm: str, batch: int, size: int, steps: int, parts: bool) -> dict:
     config = ade20k.get_config(f"norm={norm}")
     config.loss.lambda_vgg = 0.0
     config.data.crop_size = size
-    model = GANState(config, 1000, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    model = GANState(config, 1000, rngs=nnx.Rngs(runtime.init_key(0)))
     graphdef, state = nnx.split(model)
     del model
     rng = np.random.default_rng(0)
