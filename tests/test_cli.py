@@ -120,3 +120,24 @@ def test_console_filter_keeps_ours_and_drops_library_info():
     warnings_only = cli._ConsoleFilter(-1, entry_point=None)
     assert not warnings_only.filter(_record("clade_jax.training.loop", logging.INFO, ours))
     assert warnings_only.filter(_record("absl", logging.WARNING, orbax))
+
+
+def test_progress_prints_step_lines_plain_lines_and_a_bar(caplog, capsys):
+    from clade_jax.training.runtime import Progress
+
+    log = logging.getLogger("clade_jax.test_progress")
+    with caplog.at_level(logging.INFO, logger="clade_jax.test_progress"):
+        # Off a terminal: a plain line whenever every_s has passed, and the step lines.
+        with Progress(10, "training", initial=2, every_s=0.0, bar=False, logger=log) as p:
+            p.update()  # 3/10: a plain periodic line
+            speed = p.log(4, {"G_GAN": 0.5, "D_real": 1.25})
+            p.update(6)  # the end: no periodic line at 10/10
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("training 3/10 | ") and "steps/s, ETA" in lines[0]
+    assert lines[1].startswith("training 4/10: G_GAN=0.5 D_real=1.25 | ") and "ETA" in lines[1]
+    assert len(lines) == 2 and set(speed) == {"steps_per_sec", "uptime"}
+    # On a terminal: a tqdm bar with counts and rate on stderr.
+    with Progress(5, "segmenter", bar=True, logger=log) as p:
+        p.update(3)
+    err = capsys.readouterr().err
+    assert "segmenter" in err and "3/5" in err and "step/s" in err

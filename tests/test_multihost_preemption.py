@@ -1,6 +1,7 @@
 """Preemption agreed across processes: SIGTERM to one of two `jax.distributed` processes.
 
-Two processes on 127.0.0.1 (one CPU device each, gloo collectives) train the tiny config; SIGTERM
+Two processes on 127.0.0.1 (two CPU devices each, gloo collectives; the set-up of
+`test_multihost.py`, so the two share compilations through the cache) train the tiny config; SIGTERM
 goes to process 1 only. JAX's preemption service shares the notice, both processes save the same
 step and exit 0 (a process that stopped alone would leave the other hanging in the next
 collective: the bounded wait catches that). A restart resumes from that step and ends bitwise
@@ -20,10 +21,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from clade_jax.training import checkpoint
 from clade_jax.training.state import GANState
+
+# Same worker as test_multihost.py (when it carries this group too): compiled once, cached.
+pytestmark = pytest.mark.xdist_group("multihost")
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = [
@@ -32,7 +37,7 @@ ARGS = [
     "--config.model.num_D=1",
     "--config.model.n_layers_D=2",
     "--config.log_every_steps=1",
-    "--config.image_every_steps=100000",
+    "--config.image_every_steps=0",
     "--config.checkpoint_every_steps=100000",
 ]
 
@@ -47,7 +52,7 @@ def _launch(workdir: Path, steps: int) -> list[subprocess.Popen]:
     port = _free_port()
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
     }

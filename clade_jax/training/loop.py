@@ -10,8 +10,10 @@
   first (`runtime.Preemption`).
 * TensorBoard (`runtime.create_writer`, no TensorFlow): scalars every `log_every_steps` (every
   loss, learning rates, steps/s), image grids (label | synthesized | real) every
-  `image_every_steps` (also as PNG under `workdir/samples`), the config as hyperparameters; each
-  cadence also fires on the last step. Metrics are checked for NaN / inf where they are logged.
+  `image_every_steps` (also as PNG under `workdir/samples`; 0: none), the config as
+  hyperparameters; each cadence also fires on the last step. A preemption's stop only logs and
+  saves (no samples, no evaluation: the grace period is short). Metrics are checked for NaN / inf
+  where they are logged.
 * Console (`runtime.Progress`): a start line, one line per `log_every_steps` (losses, steps/s,
   ETA), a progress bar on a terminal, a line per checkpoint; the parameter table goes to
   `workdir/parameters.txt`.
@@ -34,6 +36,8 @@ from PIL import Image
 from clade_jax.data import make_source, make_train_iterator
 from clade_jax.models.vgg import load_vgg19
 from clade_jax.training import checkpoint, runtime
+from clade_jax.training.compile_cache import enable_compilation_cache
+from clade_jax.training.memory import release_host_memory
 from clade_jax.training.runtime import check_finite, make_mesh
 from clade_jax.training.state import GANState, lr_factor, total_steps
 from clade_jax.training.step import MODEL_INPUTS, make_train_step, sample_train_mode
@@ -67,6 +71,7 @@ def train_and_evaluate(
     Returns:
       (graphdef, state) of the final `GANState` (`nnx.merge` gives the modules).
     """
+    enable_compilation_cache(config.get("compilation_cache_dir", ""))
     mesh = make_mesh() if mesh is None else mesh
     if config.batch_size % mesh.size:
         raise ValueError(
@@ -120,6 +125,7 @@ def train_and_evaluate(
         dataset_size,
     )
 
+    release_host_memory()  # what building the state freed (clade_jax.training.memory)
     step_fn = make_train_step(graphdef, config, state_sharding, batch_sharding)
     sample_fn = jax.jit(lambda s, b, k: sample_train_mode(graphdef, s, b, k))
     writer = runtime.create_writer(workdir)
@@ -137,7 +143,8 @@ def train_and_evaluate(
             done = step + 1
             # Every process calls this every step: they agree on the step they stop at.
             stop = preemption.reached(done, manager) or done == stop_after
-            last = done == num_steps or stop
+            end = done == num_steps
+            last = end or stop
             if done % config.log_every_steps == 0 or last:
                 scalars = {
                     k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]
@@ -150,12 +157,12 @@ def train_and_evaluate(
                 pending = []
             else:
                 progress.update()
-            if done % config.image_every_steps == 0 or last:
+            if config.image_every_steps > 0 and (done % config.image_every_steps == 0 or end):
                 _write_samples(
                     sample_fn, state, batch, local, train_key, done, config, mesh, writer, workdir
                 )
             evaluate_now = config.eval_every_steps > 0 and (
-                done % config.eval_every_steps == 0 or last
+                done % config.eval_every_steps == 0 or end
             )
             if done % config.checkpoint_every_steps == 0 or last or evaluate_now:
                 checkpoint.save(manager, done, state, iterator, force=True)
@@ -172,7 +179,7 @@ def train_and_evaluate(
 
 
 def _device_name(device) -> str:
-    """"cpu", "gpu (NVIDIA H100 80GB HBM3)", "tpu (TPU v5 lite)"."""
+    """ "cpu", "gpu (NVIDIA H100 80GB HBM3)", "tpu (TPU v5 lite)"."""
     kind = device.device_kind
     return device.platform if kind.lower() == device.platform else f"{device.platform} ({kind})"
 
