@@ -1,9 +1,12 @@
-"""`evaluate` end to end on a tiny trained run: images, FID (real Inception), segmentation scores.
+"""`evaluate` end to end on a tiny trained run: images, FID, segmentation scores, protocols.
 
 A copy of conftest's tiny run (the synthetic config, 4 steps on 8 devices) is evaluated several
-ways. The segmenter is injected (a `CallableSegmenter` that always predicts
-one class, and the same through the registry), so the expected mIoU and pixel accuracy can be
-computed by hand from the label maps.
+ways. Every expected value is computed independently of the evaluation pipeline: the scenes are
+drawn with `synthetic.generate_scene` (not the loader), resized with PIL here, the images are read
+back from the PNGs, and the scores are worked out with NumPy. The injected networks are exact
+integer computations (`test_evaluators`): a segmenter that classifies pixels by colour (so the
+synthesized and the real images get different confusion matrices) and per-channel pixel sums as
+FID features (a well-conditioned covariance on a few images).
 """
 
 from __future__ import annotations
@@ -11,24 +14,33 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_RUN_GROUP
 from flax import nnx
 from PIL import Image
+from test_evaluators import colour_classes_np, colour_segmenter, half_sums, half_sums_np
 
 from clade_jax.configs import synthetic as synthetic_config
-from clade_jax.data import make_eval_iterator
+from clade_jax.data import synthetic
 from clade_jax.evaluation import fid, registry, segmentation
 from clade_jax.evaluation.evaluate import evaluate, fid_stats_stem
+from clade_jax.evaluation.evaluators import common
 from clade_jax.inference import to_uint8
 from clade_jax.models.encoder import reparameterize
 from clade_jax.training import checkpoint
 from clade_jax.training.state import GANState
 
-CONSTANT_CLASS = 0  # the fake segmenter's prediction everywhere
+REPO = Path(__file__).resolve().parents[1]
+K, DONTCARE = 10, 9
+FEATURES = (half_sums, {})
 
 # One xdist worker runs this module and test_training.py: they share conftest's `tiny_run`.
 pytestmark = pytest.mark.xdist_group(TINY_RUN_GROUP)
@@ -42,44 +54,76 @@ def run(tiny_run, tmp_path_factory):
     return workdir
 
 
-def real_examples(config, count: int) -> dict:
-    """The first `count` validation examples as the pipeline gives them (label, image, name)."""
+@pytest.fixture(scope="module")
+def vivid(tmp_path_factory):
+    """A converted-layout VAE workdir (config.json + checkpoints/0, no data state) whose random
+    generator has its output convolution scaled up, so the images vary from pixel to pixel
+    (the 4-step tiny run's are a uniform grey) and any mix-up of rows or pixels shows."""
+    config = synthetic_config.get_config("tiny,vae")
+    workdir = str(tmp_path_factory.mktemp("vivid") / "run")
+    checkpoint.write_config(config, workdir)
+    init = jax.jit(lambda key: nnx.split(GANState(config, 16, rngs=nnx.Rngs(key)))[1])
+    state = init(jax.random.key(0, impl="rbg"))
+    kernel = state["gen"]["g"]["conv_img"]["kernel"]
+    kernel.set_value(kernel[...] * 4.0)
+    manager = checkpoint.make_manager(workdir, with_data=False)
+    checkpoint.save(manager, 0, state, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
+
+
+def scenes(config, split: str, count: int, size: int | None = None, resample=Image.BICUBIC):
+    """The first `count` scenes of a split drawn directly (not through the loader), images
+    resized to the output size with PIL `resample` and labels with PIL nearest when the scenes
+    are rendered at another size."""
+    d = config.data
+    res = int(d.synthetic_resolution)
+    size = size or int(d.crop_size)
     out = {"label": [], "image": [], "name": []}
-    for batch in make_eval_iterator(config.data, batch_size=8, process_index=0, process_count=1):
-        keep = np.asarray(batch["mask"], bool)
-        for key in out:
-            out[key].extend(np.asarray(batch[key])[keep])
-        if len(out["name"]) >= count:
-            break
-    return {k: np.stack(v[:count]) for k, v in out.items()}
+    for i in range(count):
+        s = synthetic.generate_scene(i, res, res, seed=0, split=split)
+        image, label = s["image"], s["label"]
+        if res != size:
+            image = np.asarray(Image.fromarray(image).resize((size, size), resample))
+            label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize((size, size), 0))
+        out["image"].append(image)
+        out["label"].append(label.astype(np.int32))
+        out["name"].append(f"synthetic_{split}_{i:07d}")
+    return {k: np.stack(v) if k != "name" else v for k, v in out.items()}
 
 
-def constant_segmenter(calls: list) -> segmentation.CallableSegmenter:
-    def fn(images):
-        calls.append(np.array(images))
-        logits = np.zeros((*images.shape[:3], 10), np.float32)
-        logits[..., CONSTANT_CLASS] = 1.0
-        return logits
-
-    return segmentation.CallableSegmenter(fn, 10, input_format="uint8")
+def read_pngs(result, names) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(f"{result['images_dir']}/{n}.png")) for n in names])
 
 
-if "eval_test_constant" not in registry.available_segmenters():
-    registry.register_segmenter("eval_test_constant")(lambda: constant_segmenter([]))
+def generator_images(workdir, real, seed: int = 0) -> np.ndarray:
+    """The generator on the scenes, outside the evaluation code: VAE models with z drawn from
+    the encoder's posterior of the real image, keyed by the example index."""
+    _, g, e, _ = checkpoint.load_models(workdir)
+    z = None
+    if e is not None:
+        mu, logvar = e(real["image"].astype(np.float32) / 127.5 - 1)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(
+            jnp.arange(len(real["label"]))
+        )
+        z = jax.vmap(reparameterize)(mu, logvar, keys)
+    return to_uint8(g(real["label"], z=z))
 
 
-def colour_features(images: np.ndarray) -> np.ndarray:
-    """A cheap stand-in for Inception: per-channel means and standard deviations (N, 6)."""
-    x = np.asarray(images, np.float64).reshape(len(images), -1, 3)
-    return np.concatenate([x.mean(1), x.std(1)], axis=1)
+def features_fid(fakes, reals) -> float:
+    return fid.frechet_distance(
+        *fid.statistics(half_sums_np(fakes)), *fid.statistics(half_sums_np(reals))
+    )
 
 
 def test_evaluate_writes_images_json_and_a_finite_fid(run, tmp_path):
-    """The real Inception network on 4 synthesized and 4 real images."""
+    """The trained tiny run with the real Inception network on 4 synthesized and 4 real images."""
     stats_dir = tmp_path / "fid_stats"
     result = evaluate(run, max_images=4, fid_stats_dir=stats_dir)
     config = checkpoint.load_config(run)
     assert result["step"] == 4 and result["split"] == "validation" and result["num_images"] == 4
+    assert result["protocol"] == "native"
     assert result["segmenter"] is None and result["miou"] is None  # none configured: skipped
     with open(os.path.join(run, "eval", "4.json")) as f:
         assert json.load(f) == result
@@ -90,98 +134,40 @@ def test_evaluate_writes_images_json_and_a_finite_fid(run, tmp_path):
         assert z["mu"].shape == (fid.FEATURE_DIM,)
 
 
-def test_images_are_the_generator_output_and_fid_compares_them_with_the_real_set(run, tmp_path):
-    """config.eval.max_images (8) examples: one PNG per example, named after it, equal to the
-    generator's output for its label map; FID (with a cheap extractor) is the distance between
-    exactly these images and the real ones, whose statistics are cached and reused."""
-    stats_dir = tmp_path / "fid_stats"
-    result = evaluate(run, fid_stats_dir=stats_dir, inception=colour_features)
-    config = checkpoint.load_config(run)
-    n = config.eval.max_images
-    assert result["num_images"] == n == 8
-    real = real_examples(config, n)
-    images_dir = os.path.join(run, "eval", "4", "images")
-    assert sorted(os.listdir(images_dir)) == sorted(f"{name}.png" for name in real["name"])
-    fakes = np.stack([np.asarray(Image.open(f"{images_dir}/{name}.png")) for name in real["name"]])
-    _, g, _, _ = checkpoint.load_models(run)
-    expected = to_uint8(nnx.jit(lambda g, x: g(x))(g, real["label"]))
-    assert np.abs(fakes.astype(int) - expected).max() <= 1
-    grid = np.asarray(Image.open(result["grid"]))
-    assert grid.shape == (n * 64, 3 * 64, 3)  # rows of label | synthesized | real
-
-    real_u8 = segmentation.images_to_uint8(real["image"])
-    want = fid.frechet_distance(
-        *fid.statistics(colour_features(fakes)), *fid.statistics(colour_features(real_u8))
-    )
-    assert result["fid"] == pytest.approx(want, rel=1e-9)
-
-    stats = fid.statistics_path(fid_stats_stem(config.data, "validation", stats_dir), n, (64, 64))
-    mtime = stats.stat().st_mtime_ns
-    calls = []
-    counting = lambda x: calls.append(len(x)) or colour_features(x)
-    again = evaluate(run, fid_stats_dir=stats_dir, inception=counting)
-    assert again["fid"] == result["fid"] and stats.stat().st_mtime_ns == mtime
-    assert sum(calls) == n  # only the synthesized images: the real statistics came from the cache
-    with pytest.raises(ValueError, match="fid_stats_dir"):
-        evaluate(run, inception=colour_features)
-
-
-def test_segmentation_scores_over_the_whole_split_each_example_once(run, tmp_path):
-    """max_images=0: all 64 examples, batch 12 (the last batch is padded); the segmenter sees the
-    synthesized images, then the real ones, and its scores are computed against the labels."""
-    calls = []
-    result = evaluate(
-        run,
-        max_images=0,
-        batch_size=12,
-        compute_fid=False,
-        segmenter=constant_segmenter(calls),
-        step=2,
-    )
-    config = checkpoint.load_config(run)
-    total = config.data.synthetic_val_size
-    real = real_examples(config, total)
-    assert result["step"] == 2 and result["num_images"] == total and result["fid"] is None
-    images_dir = os.path.join(run, "eval", "2", "images")
-    assert sorted(os.listdir(images_dir)) == sorted(f"{name}.png" for name in real["name"])
-
-    first = np.asarray(Image.open(f"{images_dir}/{real['name'][0]}.png"))
-    np.testing.assert_array_equal(calls[0][0], first)  # fakes first ...
-    np.testing.assert_array_equal(calls[1][0], segmentation.images_to_uint8(real["image"][:1])[0])
-
-    labels = real["label"][real["label"] != config.data.dontcare_label]
-    hits = np.mean(labels == CONSTANT_CLASS)
-    present = len(set(np.unique(labels)) | {CONSTANT_CLASS})
-    assert result["pixel_accuracy"] == pytest.approx(hits)
-    assert result["miou"] == pytest.approx(hits / present)  # IoU of the class, 0 for the others
-    assert result["real_pixel_accuracy"] == pytest.approx(hits)  # same constant on real images
-
-
 def test_segmenter_by_registry_name(run):
-    result = evaluate(run, segmenter="eval_test_constant", compute_fid=False, max_images=4)
-    assert result["segmenter"] == "eval_test_constant" and 0 < result["pixel_accuracy"] < 1
+    name = "eval_test_constant"
+    if name not in registry.available_segmenters():
+        constant = lambda x: np.eye(K, dtype=np.float32)[np.zeros(x.shape[:3], int)]
+        registry.register_segmenter(name)(lambda: segmentation.CallableSegmenter(constant, K))
+    result = evaluate(run, segmenter=name, compute_fid=False, max_images=4)
+    assert result["segmenter"] == name and 0 < result["pixel_accuracy"] < 1
 
 
-def test_vae_model_in_converted_layout_uses_the_posterior_of_the_real_image(tmp_path):
-    """A config.json + checkpoints/0 workdir without data state (what the converter writes) with
-    a VAE: each image is G(label, z ~ E(real image)) with z keyed by the example index."""
-    config = synthetic_config.get_config("tiny,vae")
-    workdir = str(tmp_path / "converted")
-    checkpoint.write_config(config, workdir)
-    manager = checkpoint.make_manager(workdir, with_data=False)
-    checkpoint.save(manager, 0, nnx.state(GANState(config, 16, rngs=nnx.Rngs(0))), force=True)
-    manager.wait_until_finished()
-    manager.close()
+def test_bad_segmenter_input_is_an_error_naming_it(run, tmp_path):
+    with pytest.raises(ValueError, match=r"predicts 12 classes but synthetic has 10"):
+        evaluate(run, compute_fid=False, max_images=2, segmenter=colour_segmenter(k=12))
+    with pytest.raises(
+        ValueError,
+        match=r"labels \[.*\] of synthetic \(protocol native\) are outside the segmenter's "
+        r"classes \(colour\+0, 5 classes\)",
+    ):
+        evaluate(run, compute_fid=False, max_images=2, segmenter=colour_segmenter(k=5))
+    with pytest.raises(ValueError, match=r"unknown eval.protocol 'pix2pix'"):
+        evaluate(run, compute_fid=False, max_images=2, protocol="pix2pix")
+    with pytest.raises(ValueError, match=r"protocol 'clade' .* not 'synthetic'"):
+        evaluate(run, compute_fid=False, max_images=2, protocol="clade")
+    with pytest.raises(ValueError, match=r"segmenter 'drn_d_105' needs .*--segmenter_weights"):
+        evaluate(run, compute_fid=False, max_images=2, segmenter="drn_d_105")
+    from clade_jax.evaluation.segmenters import WeightsError
 
-    result = evaluate(workdir, compute_fid=False, max_images=3, seed=5)
-    assert result["step"] == 0 and result["num_images"] == 3 and "posterior" in result["z"]
-    real = real_examples(config, 3)
-    _, g, e, _ = checkpoint.load_models(workdir)
-    mu, logvar = e(real["image"][2:3])
-    z = reparameterize(mu, logvar, jax.random.fold_in(jax.random.key(5), 2))
-    expected = to_uint8(g(real["label"][2:3], z=z))[0]
-    got = np.asarray(Image.open(os.path.join(result["images_dir"], f"{real['name'][2]}.png")))
-    assert np.abs(got.astype(int) - expected).max() <= 1
+    bad = tmp_path / "drn-d-105_ms_cityscapes.pth"
+    bad.write_bytes(b"not a checkpoint")
+    for weights in (bad, tmp_path / "missing.pth"):
+        with pytest.raises(WeightsError, match=str(weights)):
+            evaluate(
+                run, compute_fid=False, max_images=2, segmenter="drn_d_105",
+                segmenter_weights=str(weights),
+            )  # fmt: skip
 
 
 def test_builtin_segmenter_named_in_the_config(run, tmp_path):
@@ -202,12 +188,205 @@ def test_builtin_segmenter_named_in_the_config(run, tmp_path):
 
     result = evaluate(workdir, compute_fid=False, max_images=4)
     assert result["segmenter"] == f"builtin:{seg_dir}"
-    real = real_examples(config, 4)
-    fakes = np.stack(
-        [np.asarray(Image.open(f"{result['images_dir']}/{n}.png")) for n in real["name"]]
-    )
+    real = scenes(config, "validation", 4)
+    fakes = read_pngs(result, real["name"])
     want = segmentation.evaluate_segmentation(
-        load_segmenter(seg_dir), fakes, real["label"], num_classes=10, ignore_label=9
+        load_segmenter(seg_dir), fakes, real["label"], num_classes=K, ignore_label=DONTCARE
     )
     assert result["miou"] == pytest.approx(want["miou"])
     assert result["pixel_accuracy"] == pytest.approx(want["pixel_accuracy"])
+
+
+def test_images_fid_and_segmentation_match_an_independent_computation(vivid, tmp_path):
+    """config.eval.max_images (8) examples: one PNG per example, named after it, equal to the
+    generator's output for its scene (z from the encoder's posterior of the real image, keyed by
+    the example index); FID between exactly these images and the same real examples; the
+    confusion matrices of the synthesized and of the real images are each the colour
+    segmenter's, worked out with NumPy (and differ from each other)."""
+    stats_dir = tmp_path / "fid_stats"
+    result = evaluate(
+        vivid, fid_stats_dir=stats_dir, inception=FEATURES, segmenter=colour_segmenter(), seed=5
+    )
+    config = checkpoint.load_config(vivid)
+    n = config.eval.max_images
+    assert result["num_images"] == n == 8 and result["step"] == 0 and "posterior" in result["z"]
+    real = scenes(config, "validation", n)
+    assert sorted(os.listdir(result["images_dir"])) == sorted(f"{x}.png" for x in real["name"])
+    fakes = read_pngs(result, real["name"])
+    assert fakes.std() > 40  # images that vary
+    assert np.abs(fakes.astype(int) - generator_images(vivid, real, seed=5)).max() <= 1
+    grid = np.asarray(Image.open(result["grid"]))
+    assert grid.shape == (n * 64, 3 * 64, 3)  # rows of label | synthesized | real
+
+    assert result["fid"] == pytest.approx(features_fid(fakes, real["image"]), rel=1e-6)
+    conf = segmentation.confusion_matrix(colour_classes_np(fakes), real["label"], K, DONTCARE)
+    conf_real = segmentation.confusion_matrix(
+        colour_classes_np(real["image"]), real["label"], K, DONTCARE
+    )
+    assert not np.array_equal(conf, conf_real)
+    np.testing.assert_array_equal(result["confusion"], conf)
+    want, want_real = (segmentation.segmentation_metrics(c, DONTCARE) for c in (conf, conf_real))
+    assert result["miou"] == pytest.approx(want["miou"])
+    assert result["pixel_accuracy"] == pytest.approx(want["pixel_accuracy"])
+    assert result["real_miou"] == pytest.approx(want_real["miou"])
+    assert result["real_pixel_accuracy"] == pytest.approx(want_real["pixel_accuracy"])
+
+    # The real statistics are cached: a second evaluation extracts features of the fakes only.
+    stats = Path(result["fid_real_stats"])
+    mtime = stats.stat().st_mtime_ns
+    calls = []
+    counting = lambda x: calls.append(len(x)) or half_sums_np(x)
+    again = evaluate(vivid, fid_stats_dir=stats_dir, inception=counting, seed=5)
+    assert again["fid"] == pytest.approx(result["fid"], rel=1e-9)
+    # A 2-image probe (the feature size), then one batch of the 8 fakes; no real images.
+    assert stats.stat().st_mtime_ns == mtime and calls == [2, 8]
+    with pytest.raises(ValueError, match="fid_stats_dir"):
+        evaluate(vivid, inception=FEATURES)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_WORKER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from clade_jax import distributed
+distributed.initialize("127.0.0.1:{port}", 2, {pid})
+from test_evaluators import colour_segmenter, half_sums
+from clade_jax.evaluation.evaluate import evaluate
+r = evaluate({workdir!r}, max_images=0, batch_size=12, fid_stats_dir={stats!r},
+             inception=(half_sums, {{}}), segmenter=colour_segmenter())
+print("RESULT", json.dumps({{"fid": r["fid"], "confusion": r["confusion"]}}))
+"""
+
+
+def test_two_processes_eight_devices_and_one_device_agree(vivid, tmp_path):
+    """The whole split (64 examples, batch 12 rounded up to 16, the last batch padded): 2
+    `jax.distributed` processes with 4 devices each == 1 process with 8 devices == 1 device:
+    identical confusion matrices and images, FID equal to 1e-6 relative, every example's PNG
+    written once (each process writes its own)."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(vivid, workdir, ignore=shutil.ignore_patterns("eval"))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WORKER.format(
+                    tests=str(REPO / "tests"),
+                    port=port,
+                    pid=i,
+                    workdir=workdir,
+                    stats=str(tmp_path / f"stats{i}"),
+                ),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    config = checkpoint.load_config(vivid)
+    total = config.data.synthetic_val_size
+    real = scenes(config, "validation", total)
+    results = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+        r = evaluate(
+            vivid, max_images=0, batch_size=12, fid_stats_dir=tmp_path / f"stats_{len(devices)}",
+            inception=FEATURES, segmenter=colour_segmenter(), mesh=common.make_mesh(devices),
+        )  # fmt: skip
+        assert r["num_images"] == total == 64
+        results.append((r, read_pngs(r, real["name"])))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+    two = [json.loads(out.split("RESULT ", 1)[1].splitlines()[0]) for out in outputs]
+    assert two[0] == two[1]
+    assert len(os.listdir(f"{workdir}/eval/0/images")) == total
+    two_images = read_pngs({"images_dir": f"{workdir}/eval/0/images"}, real["name"])
+
+    conf = segmentation.confusion_matrix(colour_classes_np(two_images), real["label"], K, DONTCARE)
+    want_fid = features_fid(two_images, real["image"])
+    for r, images in results:
+        np.testing.assert_array_equal(images, two_images)
+        np.testing.assert_array_equal(r["confusion"], conf)
+        assert r["fid"] == pytest.approx(want_fid, rel=1e-6)
+    np.testing.assert_array_equal(np.asarray(two[0]["confusion"]), conf)
+    assert two[0]["fid"] == pytest.approx(results[0][0]["fid"], rel=1e-6)
+    assert results[1][0]["fid"] == pytest.approx(results[0][0]["fid"], rel=1e-6)
+
+
+class FlagSegmenter:
+    """A paper-segmenter-like object: `scores(images, label_size, multiscale)`; the multi-scale
+    test shifts every class by one, so the counts show which test a protocol ran."""
+
+    num_classes = K
+    name = "flag"
+
+    def scores(self, images, label_size, multiscale=False):
+        x = jnp.asarray(images).astype(jnp.int32)
+        classes = (x[..., 0] // 64 + 4 * (x[..., 1] // 128) + int(multiscale)) % K
+        return jax.nn.one_hot(classes, K, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def vivid96(vivid, tmp_path_factory):
+    """The vivid run with its scenes rendered at 96x96, so the pipeline resizes them to the
+    64x64 output (bicubic images, nearest labels) and the protocols' resizes differ."""
+    workdir = str(tmp_path_factory.mktemp("vivid96") / "run")
+    shutil.copytree(vivid, workdir, ignore=shutil.ignore_patterns("eval"))
+    config = checkpoint.load_config(workdir)
+    config.data.synthetic_resolution = 96
+    checkpoint.write_config(config, workdir)
+    return workdir
+
+
+# protocol -> (FID reference split, reference count (None: the evaluated 8), PIL resample of the
+# reference images, multi-scale segmenter test, cache-name suffix)
+PROTOCOL_TABLE = {
+    "native": ("validation", None, Image.BICUBIC, False, ""),
+    "clade": ("train", 16, Image.BILINEAR, False, "_bilinear"),
+    "spade": ("validation", 64, Image.BICUBIC, True, ""),
+    "oasis": ("validation", 64, Image.BICUBIC, True, ""),
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOL_TABLE))
+def test_protocol_against_a_hand_computation(vivid96, tmp_path, protocol):
+    """Each protocol's FID reference set (split, count, resize) and segmenter test (single or
+    multi-scale), with the labels nearest-downsampled to the output size."""
+    split, ref_count, resample, multiscale, suffix = PROTOCOL_TABLE[protocol]
+    config = checkpoint.load_config(vivid96)
+    result = evaluate(
+        vivid96, protocol=protocol, fid_stats_dir=tmp_path, inception=FEATURES,
+        segmenter=FlagSegmenter(),
+    )  # fmt: skip
+    assert result["protocol"] == protocol and result["num_images"] == 8
+    real = scenes(config, "validation", 8)  # labels nearest-downsampled 96 -> 64
+    fakes = read_pngs(result, real["name"])
+    ref = scenes(config, split, ref_count or 8, resample=resample)
+    assert result["fid"] == pytest.approx(features_fid(fakes, ref["image"]), rel=1e-6)
+    name = Path(result["fid_real_stats"]).name
+    assert name.startswith(f"synthetic_{split}_")
+    assert name.endswith(f"{suffix}_n{ref_count or 8}_64x64.npz")
+    classes = (colour_classes_np(fakes) + int(multiscale)) % K
+    conf = segmentation.confusion_matrix(classes, real["label"], K, DONTCARE)
+    np.testing.assert_array_equal(result["confusion"], conf)

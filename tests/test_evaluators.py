@@ -206,3 +206,14 @@ def test_paper_segmenters_count_what_their_own_scores_predict(name, multiscale):
     np.testing.assert_array_equal(
         ev.result()["confusion"], segmentation.confusion_matrix(pred, labels, 8)
     )
+
+
+def test_cityscapes_label_ids_map_to_the_drn_train_ids():
+    from clade_jax.evaluation import protocols
+
+    mapping = protocols.label_mapping("cityscapes", "drn_d_105", 35)
+    table = seg_eval.label_table(35, 19, mapping=mapping)
+    assert (table[7], table[8], table[26], table[33]) == (0, 1, 13, 18)  # road, sidewalk, car, bike
+    assert (table[:7] == seg_eval.IGNORED).all() and table[34] == seg_eval.UNKNOWN
+    assert sorted(set(table[table >= 0].tolist())) == list(range(19))
+    assert protocols.label_mapping("ade20k", "upernet101", 151) is None  # ids are the classes

@@ -131,7 +131,10 @@ def load_models(workdir: str, step: int | None = None, *, use_ema: bool = True):
     abstract = nnx.eval_shape(lambda: GANState(config, dataset_size, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     manager = make_manager(workdir, keep=config.get("keep_checkpoints", 3))
-    state, _, step = restore(manager, abstract_state, step=step)
+    # On this process's first device: the checkpoint may come from another topology (8 devices
+    # -> 1, or 2 processes); evaluation places the weights on its own mesh.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state, _, step = restore(manager, abstract_state, local, step=step)
     manager.close()
     model = nnx.merge(graphdef, state)
     g = model.g_ema if (use_ema and model.g_ema is not None) else model.gen.g

@@ -109,10 +109,12 @@ class FidEvaluator:
     Args:
       features: (fn(params, images_u8) -> (B, D) float32, params), e.g. `inception_features()`.
       name: the evaluator's name (key of its outputs).
+      real: take the batch's real images instead of the pass's images (the reference statistics
+        of the evaluated examples, in the same pass as the synthesized ones).
     """
 
-    def __init__(self, features: tuple[Callable, Any], name: str = "fid"):
-        self.name = name
+    def __init__(self, features: tuple[Callable, Any], name: str = "fid", *, real: bool = False):
+        self.name, self.real = name, real
         self._fn, self._params = features
         self.stats = RunningStatistics()
 
@@ -120,6 +122,10 @@ class FidEvaluator:
         return self._params
 
     def device_fn(self, params: Any, images: jax.Array, batch: dict) -> dict:
+        if self.real:
+            from clade_jax.evaluation.evaluators.common import float_to_uint8
+
+            images = float_to_uint8(batch["image"])
         return {"features": self._fn(params, images).astype(jnp.float32), "valid": batch["valid"]}
 
     def update(self, outputs: dict) -> None:

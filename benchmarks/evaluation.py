@@ -1,0 +1,173 @@
+"""Evaluation throughput: the whole `evaluate()` (synthesis + Inception + segmenter), old vs new.
+
+    python benchmarks/evaluation.py [--images 32] [--batch 16] [--old_commit SHA]
+
+* Work (equal for both): a synthetic-config generator (ngf 16, 64x64, random weights with its
+  output convolution scaled so the images vary), `--images` validation examples at batch
+  `--batch`, pytorch-fid's Inception on the synthesized AND the real images (a fresh FID cache
+  folder per call, so the reference statistics are computed every time), and the builtin U-Net
+  segmenter (random weights, widths 16/32/64) on the synthesized and the real images.
+* "before": `clade_jax/evaluation/evaluate.py` as it was before the evaluators (the newest
+  commit whose evaluate.py does not use them, or `--old_commit`), run from a
+  `git worktree add /tmp/old_eval <commit>` checkout with this venv (its TensorFlow-based clu
+  writer is stubbed out: TensorFlow is not installed). It evaluates on one device.
+* "after": this checkout, on 1 host device and on 8 (`--xla_force_host_platform_device_count`),
+  and on 8 devices with 2x the images (host memory must stay flat).
+* Each configuration runs in its own process: evaluate() is called twice and the second call is
+  timed (the first compiles); peak host memory is the process's max RSS.
+
+Appends a dated block to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OLD = "/tmp/old_eval"
+WORK = "/tmp/clade_eval_bench"
+
+_PREPARE = """
+import jax
+from flax import nnx
+from clade_jax.configs import synthetic
+from clade_jax.training import checkpoint
+from clade_jax.training.state import GANState
+config = synthetic.get_config("tiny")
+config.model.ngf = 16
+config.data.synthetic_val_size = {val}
+checkpoint.write_config(config, {workdir!r})
+init = jax.jit(lambda key: nnx.split(GANState(config, 16, rngs=nnx.Rngs(key)))[1])
+state = init(jax.random.key(0, impl="rbg"))
+kernel = state["gen"]["g"]["conv_img"]["kernel"]
+kernel.set_value(kernel[...] * 4.0)
+manager = checkpoint.make_manager({workdir!r}, with_data=False)
+checkpoint.save(manager, 0, state, force=True)
+manager.wait_until_finished()
+manager.close()
+"""
+
+_CHILD = """
+import json, resource, sys, tempfile, time, types
+if {old}:  # the old evaluate writes with clu's TensorFlow writer: stub it
+    stub = types.ModuleType("clu.metric_writers")
+    class _W:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+    stub.create_default_writer = lambda *a, **k: _W()
+    sys.modules["clu.metric_writers"] = stub
+    import clu
+    clu.metric_writers = stub
+from clade_jax.evaluation.evaluate import evaluate
+from clade_jax.evaluation.segmenter import NNXSegmenter, SegmenterNet, init_rngs
+seg = NNXSegmenter(SegmenterNet(10, widths=(16, 32, 64), depth=1, rngs=init_rngs(0)))
+times = []
+for _ in range(2):
+    t = time.perf_counter()
+    evaluate({workdir!r}, max_images={images}, batch_size={batch}, segmenter=seg,
+             fid_stats_dir=tempfile.mkdtemp())
+    times.append(time.perf_counter() - t)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT", json.dumps({{"first_s": times[0], "second_s": times[1], "rss_mb": rss}}))
+"""
+
+
+def git(*args: str, cwd: str = REPO) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def old_commit() -> str:
+    """The newest commit whose evaluate.py predates the evaluators."""
+    for sha in git("log", "--format=%H", "--", "clade_jax/evaluation/evaluate.py").split():
+        text = git("show", f"{sha}:clade_jax/evaluation/evaluate.py")
+        if "evaluation.evaluators" not in text:
+            return sha
+    raise RuntimeError("no commit with the old evaluate.py")
+
+
+def run(code: str, *, cwd: str, devices: int) -> dict:
+    env = {
+        **os.environ,
+        "PYTHONPATH": cwd,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    if out.returncode:
+        raise RuntimeError(f"benchmark child failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    return {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--old_commit", default=None)
+    args = parser.parse_args()
+
+    sha = args.old_commit or old_commit()
+    if not os.path.isdir(OLD):
+        git("worktree", "add", "--detach", OLD, sha)
+    elif git("rev-parse", "HEAD", cwd=OLD).strip() != sha:
+        git("checkout", "--detach", sha, cwd=OLD)
+    workdir = os.path.join(WORK, "gan")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        os.makedirs(WORK, exist_ok=True)
+        code = _PREPARE.format(workdir=workdir, val=2 * args.images)
+        run(code, cwd=REPO, devices=8)
+
+    def child(old: bool, images: int) -> str:
+        return _CHILD.format(old=old, workdir=workdir, images=images, batch=args.batch)
+
+    load0 = os.getloadavg()
+    rows = [
+        ("before (old evaluate, 1 device)", run(child(True, args.images), cwd=OLD, devices=8)),
+        ("after, 1 device", run(child(False, args.images), cwd=REPO, devices=1)),
+        ("after, 8 devices", run(child(False, args.images), cwd=REPO, devices=8)),
+        ("after, 8 devices, 2x images", run(child(False, 2 * args.images), cwd=REPO, devices=8)),
+    ]
+    load1 = os.getloadavg()
+    base = args.images / rows[0][1]["second_s"]
+    lines = [
+        f"### evaluation, old vs new ({datetime.datetime.now().isoformat(timespec='minutes')})",
+        "",
+        textwrap.fill(
+            f"`python benchmarks/evaluation.py --images {args.images} --batch {args.batch}` "
+            f"(old = {sha[:10]}): synthetic generator ngf 16 at 64x64, pytorch-fid Inception on "
+            "the synthesized and the real images, builtin U-Net (16/32/64) on both; second of two "
+            f"evaluate() calls in one process; load average {load0[0]:.2f} at start, "
+            f"{load1[0]:.2f} at end.",
+            100,
+        ),
+        "",
+        "| configuration | images | first call s | timed call s | images/s | vs before "
+        "| peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (name, r), n in zip(rows, (args.images,) * 3 + (2 * args.images,), strict=True):
+        rate = n / r["second_s"]
+        lines.append(
+            f"| {name} | {n} | {r['first_s']:.1f} | {r['second_s']:.2f} | {rate:.2f} | "
+            f"{rate / base:.2f}x | {r['rss_mb']:.0f} |"
+        )
+    block = "\n".join(lines) + "\n"
+    print(block)
+    with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
+        f.write("\n" + block)
+
+
+if __name__ == "__main__":
+    main()
