@@ -155,9 +155,8 @@ def test_upernet_per_scale_probabilities(tiny):
         s = int(key.split("/")[2])
         resized = t[f"input/img_resized_u8/{s}"][None]
         assert resized.shape[1:3] == upernet.scaled_size(h, w, s)
-        assert np.array_equal(
-            resize.pil_resize_uint8(t.image, resized.shape[1:3], "bilinear"), resized
-        )
+        for fn in (resize.pil_resize_uint8, resize.pil_resize_uint8_device):  # host PIL, device
+            assert np.array_equal(fn(t.image, resized.shape[1:3], "bilinear"), resized)
         err = rel_err(nchw(t.seg.scale_probs(resized, (h, w))), t[key])
         assert err <= RTOL, f"{key}: {err:.2e}"
 
@@ -165,6 +164,7 @@ def test_upernet_per_scale_probabilities(tiny):
 def test_deeplab_msc_inputs_and_logits(tiny):
     t = tiny("deeplabv2")
     assert np.array_equal(deeplab.preprocess(t.image), nhwc(t["input/img_data"]))
+    assert np.array_equal(deeplab.preprocess_device(t.image), nhwc(t["input/img_data"]))
     for p in deeplab.MSC_SCALES:
         err = rel_err(nchw(t.taps[f"input_scale{p}"]), t[f"input/msc_scaled/{p}"])
         assert err <= 1e-6, f"scale_factor={p} interpolation: {err:.2e}"
@@ -185,11 +185,11 @@ def test_drn_raw_outputs_and_multiscale_inputs(tiny):
     h, w = t.label_size
     for s in drn.MS_SCALES:
         u8 = t[f"input/ms_u8/{s}"][None]
-        assert np.array_equal(
-            resize.pil_resize_uint8(t.image, (int(h * s), int(w * s)), "bicubic"), u8
-        )
-        _, logits = t.seg.forward(drn.normalize(u8))
-        assert rel_err(nchw(logits), t[f"output/multi_scale/seg_logits/{s}"]) <= RTOL
+        for fn in (resize.pil_resize_uint8, resize.pil_resize_uint8_device):  # host PIL, device
+            assert np.array_equal(fn(t.image, (int(h * s), int(w * s)), "bicubic"), u8)
+    # one scale's 1/8 logits (one more compile; the scores test covers every scale's fusion)
+    _, logits = t.seg.forward(drn.normalize(t["input/ms_u8/1.75"][None]))
+    assert rel_err(nchw(logits), t["output/multi_scale/seg_logits/1.75"]) <= RTOL
 
 
 def test_pil_float_resize_matches_pil():
@@ -202,6 +202,30 @@ def test_pil_float_resize_matches_pil():
         want = np.asarray(Image.fromarray(x).resize((ow, oh), Image.BILINEAR))
         got = np.asarray(resize.pil_resize_float(x[None, :, :, None], (oh, ow)))[0, :, :, 0]
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("filter", ["bilinear", "bicubic"])
+def test_device_uint8_resize_is_bit_exact_pil(filter):
+    """PIL's fixed-point 8-bit resampling in JAX: shrinking, enlarging, one axis only (sizes
+    where Pillow runs the horizontal pass first; see the caveat in resize.py)."""
+    x = np.random.default_rng(1).integers(0, 256, (2, 37, 53, 3), dtype=np.uint8)
+    for size in [(11, 17), (100, 64), (37, 20), (80, 53), (60, 160)]:
+        want = resize.pil_resize_uint8(x, size, filter)
+        assert np.array_equal(resize.pil_resize_uint8_device(x, size, filter), want), size
+
+
+def test_scores_fn_composes_into_a_compiled_step(tiny):
+    """The protocol as a pure function inside an evaluator's own jit: same scores, on device."""
+    t = tiny("deeplabv2")
+    fn = t.seg.scores_fn(t.label_size, multiscale=False)
+    step = jax.jit(lambda state, images: labels.predictions(fn(state, images)))
+    pred = np.asarray(step(t.seg.state, t.image))[0]
+    assert np.array_equal(pred, np.argmax(t.scores["single_scale"][0], -1))
+    assert (pred == t["output/single_scale/pred"]).mean() >= PRED_AGREEMENT
+    # UperNet's whole 5-scale protocol, PIL resizes included, inside one compiled function
+    u = tiny("upernet101")
+    fn = jax.jit(u.seg.scores_fn(u.label_size, multiscale=True))
+    assert rel_err(nchw(fn(u.seg.state, u.image)), u["output/multi_scale/scores"]) <= RTOL
 
 
 def test_bilinear_matches_torch_align_corners_rules():

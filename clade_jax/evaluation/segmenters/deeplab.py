@@ -16,8 +16,8 @@ Architecture arguments: `n_blocks` (default (3, 4, 23, 3)), `width` (default 64)
 Test-time protocol (libs/datasets/cocostuff.py, libs/datasets/base.py with augment=False,
 main.py test(), libs/models/msc.py, configs/cocostuff164k.yaml):
 * x = BGR float32 image minus the BGR mean (104.008, 116.669, 122.675); numpy computes the
-  float32 - float64 difference in float64 and stores float32, done so here on the host. No
-  resize, no std.
+  float32 - float64 difference in float64 and stores float32: `preprocess` (host) does the
+  same, `preprocess_device` looks the identical values up in a (256, 3) table. No resize, no std.
 * single scale: logits = base(x).
 * multi scale (the MSC model): l1 = base(x); lp = base(interpolate(x, scale_factor=p)) for
   p in (0.5, 0.75), with torch >= 1.6 scale_factor semantics (output floor(in * p), source
@@ -144,3 +144,11 @@ def preprocess(images_u8: np.ndarray) -> np.ndarray:
     """uint8 RGB (N, H, W, 3) -> float32 BGR minus mean (float64 arithmetic, as numpy there)."""
     bgr = np.asarray(images_u8)[..., ::-1].astype(np.float32)
     return (bgr - MEAN_BGR).astype(np.float32)
+
+
+def preprocess_device(images_u8: jax.Array) -> jax.Array:
+    """`preprocess` on the device, bit-identical: the float64 difference rounded to float32 takes
+    only 256 values per channel, so it is a (256, 3) table lookup (no float64 on the device)."""
+    table = jnp.asarray((np.arange(256, dtype=np.float64)[:, None] - MEAN_BGR).astype(np.float32))
+    bgr = images_u8[..., ::-1].astype(jnp.int32)  # (N, H, W, 3) in B, G, R order
+    return jnp.stack([table[bgr[..., c], c] for c in range(3)], axis=-1)

@@ -16,9 +16,15 @@ The three networks' published scores depend on how maps are resized, and the lib
   Applied on the device as two float32 matrix products at HIGHEST precision, so DRN's scores never
   need to visit the host (PIL accumulates in double: the difference is ~1e-7 relative).
 * `adaptive_avg_pool`: `nn.AdaptiveAvgPool2d` bins `[floor(i*in/out), ceil((i+1)*in/out))`.
-* `pil_resize_uint8`: PIL itself on the host, for the uint8 image resizes (UperNet's BILINEAR,
-  DRN's multi-scale BICUBIC). PIL rounds fixed-point coefficients on uint8; float re-implementations
-  differ by 1 at many pixels, so the host does these with PIL as the official code does.
+* `pil_resize_uint8_device`: PIL's uint8 `Image.resize` (UperNet's BILINEAR, DRN's multi-scale
+  BICUBIC) in JAX, bit-exact. PIL resamples 8-bit images in fixed point (coefficients rounded to
+  22 bits, int32 accumulation, rounding, clipping after each pass), which float
+  re-implementations miss by 1 at ~15% of the pixels; this reproduces the integer arithmetic
+  (gathers of the taps, int32 sums), horizontal pass first. Caveat: the installed Pillow
+  (13.0) runs the VERTICAL pass first for some strong height reductions (e.g. 37 x 53 -> 5 x 160;
+  its rule is not documented and not reproduced here), where the result can differ by 1 at some
+  pixels. Every height enlargement, and every protocol size of the fixtures, is bit-exact
+  (tested). `pil_resize_uint8` calls PIL itself on the host: what `Segmenter.scores` uses.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ __all__ = [
     "pil_resize_float",
     "pil_resize_matrix",
     "pil_resize_uint8",
+    "pil_resize_uint8_device",
+    "pil_uint8_taps",
 ]
 
 
@@ -199,3 +207,51 @@ def pil_resize_uint8(images: np.ndarray, size: tuple[int, int], filter: str) -> 
         return images.copy()
     out = [np.asarray(Image.fromarray(im).resize((ow, oh), _PIL_FILTERS[filter])) for im in images]
     return np.stack(out)
+
+
+_PRECISION_BITS = 32 - 8 - 2  # PIL Resample.c: fixed-point coefficients of 8-bit images
+
+
+@functools.lru_cache(maxsize=256)
+def pil_uint8_taps(in_size: int, out_size: int, filter: str) -> tuple[np.ndarray, np.ndarray]:
+    """PIL's 8-bit resampling taps along one axis: (indices (out, k), int32 coefficients (out, k)).
+
+    The double coefficients of `pil_resize_matrix`, rounded half away from zero to 22-bit fixed
+    point (`normalize_coeffs_8bpc`); padding taps have coefficient 0.
+    """
+    m = pil_resize_matrix(in_size, out_size, filter)
+    nz = m != 0
+    lo = np.argmax(nz, axis=1)
+    hi = in_size - np.argmax(nz[:, ::-1], axis=1)
+    k = int((hi - lo).max())
+    idx = np.minimum(lo[:, None] + np.arange(k)[None, :], in_size - 1)
+    w = np.take_along_axis(m, idx, axis=1)
+    w[lo[:, None] + np.arange(k)[None, :] >= hi[:, None]] = 0.0
+    scaled = w * (1 << _PRECISION_BITS)
+    coeffs = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int32)
+    return idx.astype(np.int32), coeffs
+
+
+def _pil_uint8_pass(x: jax.Array, axis: int, taps) -> jax.Array:
+    idx, coeffs = taps  # (out, k)
+    g = jnp.take(x.astype(jnp.int32), jnp.asarray(idx), axis=axis)  # axis -> (out, k)
+    shape = [1] * g.ndim
+    shape[axis], shape[axis + 1] = coeffs.shape
+    acc = jnp.sum(g * jnp.asarray(coeffs).reshape(shape), axis=axis + 1)
+    acc = acc + (1 << (_PRECISION_BITS - 1))
+    return jnp.clip(acc >> _PRECISION_BITS, 0, 255).astype(jnp.uint8)  # PIL clip8
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def pil_resize_uint8_device(images: jax.Array, size: tuple[int, int], filter: str) -> jax.Array:
+    """`pil_resize_uint8` in JAX, bit-exact: PIL's fixed-point 8-bit resampling (int32
+    accumulation, round, clip to 0..255), horizontal pass first, each pass skipped when that axis
+    keeps its size. uint8 (N, H, W, C) -> uint8 (N, h, w, C); jit-able (no host round trip)."""
+    _, h, w, _ = images.shape
+    oh, ow = int(size[0]), int(size[1])
+    x = images
+    if ow != w:
+        x = _pil_uint8_pass(x, 2, pil_uint8_taps(w, ow, filter))
+    if oh != h:
+        x = _pil_uint8_pass(x, 1, pil_uint8_taps(h, oh, filter))
+    return x.astype(jnp.uint8)
