@@ -115,6 +115,7 @@ def train_and_evaluate(
         state, start = init(init_key), 0
         if config.get("save_initial_checkpoint", False):
             checkpoint.save(manager, 0, state, iterator, force=True)
+            log.info("checkpoint step 0 (the initialization) -> %s", manager.directory / "0")
     log.info(
         "%s: steps %d..%d of %d (batch %d, %d training examples)",
         workdir,
