@@ -56,7 +56,7 @@ Options beyond the report: `num_unpool` (how many upsamplings become unpoolings;
 future work: "experiment with different amounts of unpooling levels"), `encoder_convs` (e.g.
 (1, 1, 1, 1, 1) for a light encoder), `encoder_norm`, 'more'/'most' upsampling (one encoder stage
 per upsampling). In a config: `model.unpool_num`, `model.unpool_encoder_convs`,
-`model.unpool_encoder_norm` (configs/common.py).
+`model.unpool_encoder_norm` (clade_jax/configs/common.py).
 
 Cost (ADE20k 256x256, `python -m clade_jax.evaluation.complexity`): with SPADE norms 175.3 M
 parameters and 293.9 G MACs (SPADE: 96.5 M, 181.2 G); with CLADE 150.3 M and 155.0 G. The
