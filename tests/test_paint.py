@@ -101,7 +101,7 @@ def test_info_describes_the_model_and_its_classes(server, tiny_run):
     assert (info["height"], info["width"]) == (64, 64)
     assert info["dontcare"] == synthetic.DONTCARE
     assert info["use_vae"] is False and info["use_instance"] is False
-    assert (info["generator"], info["norm"]) == ("spade", "clade")
+    assert (info["generator"], info["norm"]) == ("spade_clade", "clade")
     assert info["has_validation"] is True
     page = client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text

@@ -210,7 +210,7 @@ class PaintModel:
             "has_encoder": self.net.has_encoder,
             "use_instance": self.net.use_instance,
             "use_icpe": self.net.use_icpe,
-            "generator": m.get("generator", "spade"),
+            "generator": m.get("generator", "spade_clade"),
             "norm": m.get("norm", "clade"),
             "dataset": self.config.data.dataset,
             "workdir": self.workdir,

@@ -55,7 +55,7 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
-    """Generator output in [-1, 1] -> uint8 on device, as `clade_jax.synthesize.to_uint8`
+    """Generator output in [-1, 1] -> uint8 on device, as `clade_jax.inference.to_uint8`
     (the official `tensor2im`: `clip((x + 1) / 2 * 255, 0, 255)` truncated)."""
     x = (images.astype(jnp.float32) + 1.0) / 2.0 * 255.0
     return jnp.clip(x, 0.0, 255.0).astype(jnp.uint8)
