@@ -80,7 +80,7 @@ def run(workdir: str, *, steps: int | None = None, segmenter_steps: int = 600) -
     print(table)
     print(f"\nsamples:      {os.path.join(gan_dir, 'samples')}")
     print(f"eval images:  {os.path.join(gan_dir, 'eval')}")
-    print(f"TensorBoard:  tensorboard --logdir {workdir}")
+    print(f"TensorBoard:  pip install tensorboard; tensorboard --logdir {workdir}")
     return results
 
 
