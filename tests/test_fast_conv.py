@@ -224,3 +224,20 @@ def test_discriminator_forward_equals_the_official_concatenated_forward():
             assert _rel(g, r) < 1e-5
     bad = labels.at[0, 5, 5].set(9)
     assert np.isnan(np.asarray(a(bad, image, instance)[0][-1][0])).any()
+
+
+@pytest.mark.parametrize("h,w", [(24, 24), (13, 10), (7, 9)])
+def test_pooled_onehot_equals_the_pooled_one_hot_bitwise(h, w):
+    from clade_jax.models.discriminator import pooled_onehot
+    from clade_jax.ops import avg_pool_3x3_s2
+
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 5, (2, h, w))
+    labels[1, 3, 2] = 7  # invalid: NaN in every window that holds it
+    labels = jnp.asarray(labels, jnp.int32)
+    onehot = jax.nn.one_hot(labels, 5)
+    onehot = jnp.where(((labels < 0) | (labels >= 5))[..., None], jnp.nan, onehot)
+    ref = np.asarray(avg_pool_3x3_s2(onehot))
+    got = np.asarray(pooled_onehot(labels, 5))
+    np.testing.assert_array_equal(got, ref)
+    assert np.isnan(got[1]).any() and not np.isnan(got[0]).any()

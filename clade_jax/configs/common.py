@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The defaults (the papers' training setup on ADE20k-sized data)."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # model init, augmentation and training randomness all derive from it
+    # persistent XLA compilation cache: "" = JAX_COMPILATION_CACHE_DIR or ~/.cache/clade_jax/xla,
+    # "none" = off (clade_jax/training/compile_cache.py)
+    c.compilation_cache_dir = ""
 
     c.data = d = ml_collections.ConfigDict()
     d.dataset = (

@@ -15,13 +15,43 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from clade_jax.layers.conv import Conv2d
 from clade_jax.layers.labels import instance_edges
 from clade_jax.layers.normalization import ParamFreeNorm
-from clade_jax.layers.spade import nan_where_invalid, semantic_input
 from clade_jax.ops import avg_pool_3x3_s2
+
+
+def _window_counts(n: int) -> np.ndarray:
+    """Cells of each 3-wide, stride-2, pad-1 window inside a side of length n."""
+    m = (n - 1) // 2 + 1
+    return np.array([sum(0 <= j < n for j in (2 * i - 1, 2 * i, 2 * i + 1)) for i in range(m)])
+
+
+def pooled_onehot(labels: jnp.ndarray, num_classes: int) -> jnp.ndarray:
+    """`avg_pool_3x3_s2(nan_where_invalid(one_hot(labels)))` without the full-size one-hot.
+
+    labels (N, H, W) int -> (N, ceil(H/2), ceil(W/2), num_classes) float32: the class counts of
+    each 3x3 window (the sum of nine strided one-hot maps at the output size), divided by the
+    window's cell count; NaN where a window holds an invalid label. The counts are small
+    integers, so this equals the pooled one-hot bit for bit.
+    """
+    n, h, w = labels.shape
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    bad = (labels < 0) | (labels >= num_classes)
+    padded = jnp.pad(jnp.where(bad, -1, labels), ((0, 0), (1, 1), (1, 1)), constant_values=-1)
+    bad = jnp.pad(bad, ((0, 0), (1, 1), (1, 1)))
+    total, any_bad = 0.0, False
+    for i in range(3):
+        for j in range(3):
+            window = (slice(None), slice(i, i + 2 * ho - 1, 2), slice(j, j + 2 * wo - 1, 2))
+            total = total + jax.nn.one_hot(padded[window], num_classes, dtype=jnp.float32)
+            any_bad = any_bad | bad[window]
+    counts = np.outer(_window_counts(h), _window_counts(w)).astype(np.float32)
+    pooled = total / jnp.asarray(counts)[None, :, :, None]
+    return jnp.where(any_bad[..., None], jnp.nan, pooled)
 
 
 class DLayer(nnx.Module):
@@ -148,10 +178,9 @@ class MultiscaleDiscriminator(nnx.Module):
         # 151-channel convolution); the pooled input of the other scales is no longer one-hot.
         results = [self.discriminator_0(rest.astype(self.dtype), (labels, self.num_classes))]
         if self.num_D > 1:
-            seg = semantic_input(labels, self.num_classes, None, jnp.float32)
-            seg = nan_where_invalid(seg, labels, self.num_classes)
-            x = avg_pool_3x3_s2(jnp.concatenate([seg, rest], axis=-1))
-            results += self.forward_input(x, first_scale=1)
+            seg = pooled_onehot(labels, self.num_classes)  # avg_pool_3x3_s2 of the one-hot
+            x = jnp.concatenate([seg, avg_pool_3x3_s2(rest)], axis=-1)
+            results += self.forward_input(x.astype(self.dtype), first_scale=1)
         return results
 
     def forward_input(self, x: jnp.ndarray, first_scale: int = 0) -> list[list[jnp.ndarray]]:
