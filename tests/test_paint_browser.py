@@ -33,7 +33,13 @@ from clade_jax.paint.server import create_app, serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "paint.png"
+# The README's screenshot is rewritten only when asked (PAINT_SCREENSHOT=1), so that a test run
+# leaves the checkout clean; otherwise it goes to the temporary folder.
+SCREENSHOT = (
+    Path(__file__).resolve().parents[1] / "docs" / "paint.png"
+    if os.environ.get("PAINT_SCREENSHOT") == "1"
+    else Path(tempfile.gettempdir()) / "clade_jax_paint.png"
+)
 FLAGS = (
     "--headless",
     "--no-sandbox",
