@@ -4,11 +4,14 @@
 
 The convolutions are those of the full-size ADE20k generator (CLADE and / or SPADE) and the
 multiscale discriminator at `--batch` images of `--size`^2 (the discriminator sees 2 x batch:
-[fake; real]), captured by tracing one forward of each network. For each distinct shape it times,
-in one process and alternating: the forward, the input gradient, XLA's own weight gradient and
-`clade_jax.layers.conv.taps_weight_grad` (the tap-wise matrix-product form), reports the ratio
-taps / XLA and whether `taps_weight_grad_wins` (the rule `conv2d(weight_grad="auto")` uses on
-CPU) picks taps for that shape. Appends a dated block to benchmarks/RESULTS.md.
+[fake; real]), captured by tracing one forward of each network. For each distinct convolution
+it times, in one process and alternating: the forward, the input gradient, XLA's own weight
+gradient and `clade_jax.layers.conv.taps_weight_grad` (the tap-wise matrix-product form);
+it reports the ratio taps / XLA and whether `taps_weight_grad_wins` (the rule that
+`conv2d(weight_grad="auto")` uses on CPU) picks taps for that shape. The convolutions of
+one-hot label maps (SPADE's shared conv, the discriminator's first layer, the generators' `fc`)
+are timed apart: the one-hot convolution vs `onehot_conv`'s tap-wise gather (what the layers
+use on CPU), forward and weight gradient. Appends a dated block to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -48,7 +51,17 @@ def capture_shapes(norms: list[str], batch: int, size: int) -> dict:
         shapes.setdefault(key, set()).add(recorder.where)
         return original(x, w, stride=stride, padding=padding, weight_grad=weight_grad)
 
+    original_onehot = conv_lib.onehot_conv
+
+    def onehot_recorder(labels, w, *, stride=1, padding=0, invalid="zero", method="auto"):
+        key = ("onehot", tuple(labels.shape), tuple(w.shape), stride, padding)
+        shapes.setdefault(key, set()).add(recorder.where)
+        return original_onehot(
+            labels, w, stride=stride, padding=padding, invalid=invalid, method=method
+        )
+
     conv_lib.conv2d = recorder
+    conv_lib.onehot_conv = onehot_recorder
     try:
         for norm in norms:
             config = ade20k.get_config(f"norm={norm}")
@@ -67,6 +80,7 @@ def capture_shapes(norms: list[str], batch: int, size: int) -> dict:
         )
     finally:
         conv_lib.conv2d = original
+        conv_lib.onehot_conv = original_onehot
     return shapes
 
 
@@ -103,6 +117,25 @@ def bench_shape(x_shape, w_shape, stride, padding, repeats, rng):
     return {k: time_fn(f, args[k], repeats) for k, f in fns.items()}, err
 
 
+def bench_onehot(l_shape, w_shape, stride, padding, repeats, rng):
+    """Forward and weight gradient of a one-hot convolution: the conv vs the tap-wise gather."""
+    labels = jnp.asarray(rng.integers(0, w_shape[2], l_shape), jnp.int32)
+    w = jnp.asarray(rng.standard_normal(w_shape) * 0.02, jnp.float32)
+    out = {}
+    for method in ("conv", "gather"):
+        # labels and the output gradient are arguments: as constants XLA would fold the weight
+        # gradient (linear in them, independent of w) at compile time.
+        f = lambda w_, lab, m=method: conv_lib.onehot_conv(
+            lab, w_, stride=stride, padding=padding, method=m
+        )
+        y = jax.eval_shape(f, w, labels)
+        g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+        fwd = jax.jit(f)
+        dw = jax.jit(lambda w_, lab, gy, f=f: jax.vjp(lambda v: f(v, lab), w_)[1](gy)[0])
+        out[method] = (time_fn(fwd, (w, labels), repeats), time_fn(dw, (w, labels, g), repeats))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
@@ -120,6 +153,8 @@ def main() -> None:
     lines = [header]
     print(header, flush=True)
     total = {"xla": 0.0, "auto": 0.0}
+    onehot = {k: v for k, v in shapes.items() if k[0] == "onehot"}
+    shapes = {k: v for k, v in shapes.items() if k[0] != "onehot"}
     for (xs, ws, s, p), where in sorted(shapes.items(), key=lambda kv: -np.prod(kv[0][0])):
         t, err = bench_shape(xs, ws, s, p, args.repeats, rng)
         auto = conv_lib.taps_weight_grad_wins(xs, ws, s)
@@ -129,6 +164,22 @@ def main() -> None:
             f"{str(xs):>20} {str(ws):>18} {s} {p} | {t['fwd'] * 1e3:7.1f}m {t['dx'] * 1e3:7.1f}m "
             f"{t['dw_xla'] * 1e3:8.1f}m {t['dw_taps'] * 1e3:7.1f}m "
             f"{t['dw_taps'] / t['dw_xla']:8.3f} {'taps' if auto else 'xla ':4} {err:8.1e}  "
+            f"{', '.join(sorted(where))}"
+        )
+        lines.append(line)
+        print(line, flush=True)
+    oh_header = (
+        f"one-hot convolutions: {'labels':>16} {'kernel':>18} s p | conv fwd / dW | "
+        "gather fwd / dW | ratios"
+    )
+    lines.append(oh_header)
+    print(oh_header, flush=True)
+    for (_, ls, ws, s, p), where in sorted(onehot.items(), key=lambda kv: -np.prod(kv[0][1])):
+        t = bench_onehot(ls, ws, s, p, args.repeats, rng)
+        (cf, cd), (gf, gd) = t["conv"], t["gather"]
+        line = (
+            f"{str(ls):>38} {str(ws):>18} {s} {p} | {cf * 1e3:7.1f}m {cd * 1e3:7.1f}m | "
+            f"{gf * 1e3:7.1f}m {gd * 1e3:7.1f}m | {gf / cf:.3f} {gd / cd:.3f}  "
             f"{', '.join(sorted(where))}"
         )
         lines.append(line)

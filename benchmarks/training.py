@@ -147,8 +147,10 @@ def child(norm: str, batch: int, size: int, steps: int, parts: bool) -> dict:
     return out
 
 
-def run_child(norm, batch, args, parts, cache_dir) -> dict:
+def run_child(norm, batch, args, parts, cache_dir, ynnpack=False) -> dict:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir)
+    if ynnpack:  # jaxlib's default convolutions instead of the Eigen ones the entry points pick
+        env["CLADE_JAX_KEEP_XLA_FLAGS"] = "1"
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{norm},{batch}"]
     cmd += ["--size", str(args.size), "--steps", str(args.steps)] + (["--parts"] if parts else [])
@@ -169,6 +171,9 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--parts", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no_results", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument(
+        "--ynnpack_batches", default="", help="batches at which CLADE also runs on YNNPACK"
+    )
     args = p.parse_args()
     if args.child:
         from clade_jax import backend
@@ -180,11 +185,19 @@ def main() -> None:
 
     configs = [(n, int(b)) for b in args.batches.split(",") for n in args.norms.split(",")]
     configs += [("none", int(b)) for b in args.floor_batches.split(",") if b]
+    configs += [("clade-ynnpack", int(b)) for b in args.ynnpack_batches.split(",") if b]
     results: dict = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as cache_dir:
         for r in range(args.rounds):
             for norm, batch in configs:
-                res = run_child(norm, batch, args, parts=r == 0, cache_dir=cache_dir)
+                res = run_child(
+                    norm.split("-")[0],
+                    batch,
+                    args,
+                    parts=r == 0,
+                    cache_dir=cache_dir,
+                    ynnpack=norm.endswith("-ynnpack"),
+                )
                 results[(norm, batch)].append(res)
                 print(f"round {r} {norm} b{batch}: {json.dumps(res)}", flush=True)
     import jax
@@ -219,6 +232,11 @@ def main() -> None:
             lines.append(
                 f"* batch {b}: CLADE / floor (norm=none) step time "
                 f"{med(('clade', b), 'step_s') / med(('none', b), 'step_s'):.3f}"
+            )
+        if ("clade", b) in results and ("clade-ynnpack", b) in results:
+            lines.append(
+                f"* batch {b}: CLADE step time Eigen / YNNPACK convolutions "
+                f"{med(('clade', b), 'step_s') / med(('clade-ynnpack', b), 'step_s'):.3f}"
             )
     text = "\n".join(lines) + "\n"
     print(text)
