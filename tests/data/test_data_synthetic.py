@@ -116,4 +116,3 @@ def test_source_names_and_optional_instances():
 def test_without_dontcare_no_pixel_is_dontcare():
     for i in range(30):
         assert not np.any(S.generate_scene(i, 32, 32, with_dontcare=False)["label"] == S.DONTCARE)
-
