@@ -219,7 +219,8 @@ def test_icpe_and_instance_model(tmp_path):
 
 def test_converted_official_checkpoint_reproduces_the_official_output(fixture, tmp_path):
     """Label PNGs through a workdir made by `clade_jax.convert` from the official CLADE weights of
-    the parity fixture give the official PyTorch output, pixel for pixel."""
+    the parity fixture give the official PyTorch output (to one uint8 level on <= 0.1% of
+    pixels)."""
     from clade_jax.convert.workdir import convert
 
     fx = fixture("clade_tiny")
@@ -235,5 +236,9 @@ def test_converted_official_checkpoint_reproduces_the_official_output(fixture, t
     paths = [write_png(tmp_path / f"map{i}.png", x.astype(np.uint8)) for i, x in enumerate(labels)]
     files = synthesize(workdir, paths, tmp_path / "out")
     official_images = to_uint8(np.transpose(fx["output/image"], (0, 2, 3, 1)))  # NCHW -> NHWC
+    # The float outputs match the official ones to 1e-6 (test_parity); after quantization a
+    # value within float rounding of a .5 boundary may land one level apart (the CPU computes
+    # the one-hot `fc` as a gather, summing in another order): at most 1 level, at most 0.1%.
     for path, expected in zip(files, official_images, strict=True):
-        np.testing.assert_array_equal(read(path), expected)
+        diff = np.abs(read(path).astype(np.int16) - expected.astype(np.int16))
+        assert diff.max() <= 1 and np.mean(diff > 0) <= 1e-3, (diff.max(), np.mean(diff > 0))

@@ -158,10 +158,29 @@ def make_train_step(graphdef, config, state_sharding, batch_sharding):
         if not compiled:
             compiled.append(jitted.lower(state, batch, step_index, key, vgg_params).compile())
             release_host_memory()
+            _barrier_after_compiling()
         return compiled[0](state, batch, step_index, key, vgg_params)
 
     step.jitted = jitted
     return step
+
+
+_BARRIERS = [0]
+
+
+def _barrier_after_compiling() -> None:
+    """With several processes, wait at a coordination-service barrier until every process has
+    compiled the step: compile times differ between hosts by tens of seconds on a loaded CPU,
+    and gloo gives up on a peer that reaches the first collective 30 s later than the others."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        return
+    _BARRIERS[0] += 1
+    client.wait_at_barrier(f"clade_jax_train_step_compiled_{_BARRIERS[0]}", 1_800_000)
 
 
 def sample_train_mode(graphdef, state, batch: dict, key: jax.Array):
