@@ -40,8 +40,9 @@ modulation conv, the discriminator's first layer and the generators' label-map i
 what they are, a sum over the kernel taps of rows gathered from the kernel,
 `y[n, y, x] = sum_{i,j} W[i, j, labels[n, s*y+i-p, s*x+j-p], :]` (padding reads a zero row), and
 their weight gradient is the matching scatter-add: the same nonzero terms as the convolution
-(float rounding of the sum differs, ~1e-7 relative), without the one-hot tensor, ~15x less
-forward and ~40x less backward time for SPADE's 256x256 layer (benchmarks/RESULTS.md). On GPU /
+(float rounding of the sum differs, ~1e-7 relative), without the one-hot tensor: 11x less
+forward and 13x less weight-gradient time for SPADE's 256x256 layer, 50x / 74x for the
+discriminator's first layer (benchmarks/convs.py in benchmarks/RESULTS.md). On GPU /
 TPU `method="auto"` keeps the ordinary one-hot convolution.
 """
 
@@ -148,7 +149,8 @@ def taps_weight_grad_wins(x_shape, w_shape, stride: int) -> bool:
     discriminator (benchmarks/RESULTS.md, "convs.py"): taps / XLA time was 0.015-0.02 for the
     discriminator's stride-1 kernel-4 256 -> 512 convolutions (17x17 and 33x33 inputs; XLA 3.3 s
     and 21 s at batch 2) and 0.41-0.78 for the generator's wide convolutions on grids up to 32x32
-    (e.g. 1024 -> 1024 at 8x8 and 16x16); it was 1.0-1.9 (no gain or a loss) on 64x64 and larger
+    (e.g. 1024 -> 1024 at 8x8 and 16x16; 1024 -> 512 at 32x32 is borderline: 0.78 in one run,
+    1.15 in a quieter one); it was 1.0-1.9 (no gain or a loss) on 64x64 and larger
     grids, for stride 2, for 1x1 kernels and for narrow layers (C_in * C_out < 128 * 512, such as
     the 512 -> 1 logits layer: 5-6x slower). The rule keeps exactly the winning group.
     """
