@@ -23,7 +23,7 @@ and zero biases.
 
 Weight gradients on XLA:CPU (`conv2d`). XLA:CPU lowers the filter gradient of some convolutions
 to a very slow loop nest: the discriminator's stride-1 kernel-4 256 -> 512 convolutions took
-12-17 s for their weight gradient at batch 2 (33x33 output) against ~0.1 s for the same
+8-21 s for their weight gradient at batch 2 (33x33 output) against ~0.1 s for the same
 arithmetic as a matrix product (benchmarks/convs.py, benchmarks/RESULTS.md). `conv2d` therefore
 has a `jax.custom_vjp` whose backward forms the weight gradient from the kernel taps: for each
 tap (i, j) the strided slice of the padded input, all taps stacked, contracted with the output
@@ -146,13 +146,13 @@ def taps_weight_grad_wins(x_shape, w_shape, stride: int) -> bool:
     """Where `taps_weight_grad` beats XLA:CPU's own filter gradient (benchmarks/convs.py).
 
     Measured over every convolution of the full-size CLADE / SPADE generators and the multiscale
-    discriminator (benchmarks/RESULTS.md, "convs.py"): taps / XLA time was 0.015-0.02 for the
-    discriminator's stride-1 kernel-4 256 -> 512 convolutions (17x17 and 33x33 inputs; XLA 3.3 s
-    and 21 s at batch 2) and 0.41-0.78 for the generator's wide convolutions on grids up to 32x32
-    (e.g. 1024 -> 1024 at 8x8 and 16x16; 1024 -> 512 at 32x32 is borderline: 0.78 in one run,
-    1.15 in a quieter one); it was 1.0-1.9 (no gain or a loss) on 64x64 and larger
-    grids, for stride 2, for 1x1 kernels and for narrow layers (C_in * C_out < 128 * 512, such as
-    the 512 -> 1 logits layer: 5-6x slower). The rule keeps exactly the winning group.
+    discriminator (benchmarks/RESULTS.md, "convs.py"): taps / XLA time was 0.011-0.02 for the
+    discriminator's stride-1 kernel-4 256 -> 512 convolutions (17x17 and 33x33 inputs; XLA
+    1.4-3.3 s and 8.2-21 s at batch 2 in two runs) and 0.41-0.8 for the generator's wide
+    convolutions on grids up to 32x32 (e.g. 1024 -> 1024 at 8x8 and 16x16; 1024 -> 512 at 32x32
+    is borderline: 0.78 in one run, 1.15 in a quieter one); it was 1.0-1.9 (no gain or a loss)
+    on 64x64 and larger grids, for stride 2, for 1x1 kernels and for narrow layers
+    (C_in * C_out < 128 * 512, such as the 512 -> 1 logits layer: 5-9x slower).
     """
     k, _, c, o = w_shape
     h, w = x_shape[1], x_shape[2]
