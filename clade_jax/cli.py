@@ -153,9 +153,23 @@ def _program_flags() -> tuple[list[str], list[str]]:
     return names, configs
 
 
+def program_name(argv0: str | None = None) -> str:
+    """How the user started the program: `python -m clade_jax.x` for a module of the package
+    (`sys.argv[0]` is then its file), else the script's file name."""
+    argv0 = argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")
+    if not argv0:
+        return "clade_jax"
+    path = os.path.abspath(argv0)
+    if path.startswith(_PACKAGE_DIR + os.sep) and path.endswith(".py"):
+        rel = os.path.relpath(path[: -len(".py")], os.path.dirname(_PACKAGE_DIR))
+        module = rel.replace(os.sep, ".").removesuffix(".__main__")
+        return f"python -m {module}"
+    return os.path.basename(argv0) if os.sep in argv0 else argv0
+
+
 def user_error_message(error: BaseException, program: str | None = None) -> str:
     """The one paragraph printed for a user error."""
-    program = program or os.path.basename(sys.argv[0] if sys.argv else "clade_jax")
+    program = program or program_name()
     names, configs = _program_flags()
     text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, FileNotFoundError) and error.filename and error.filename not in text:
@@ -169,26 +183,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        program = os.path.basename(argv[0]) if argv else "clade_jax"
         print(
-            f"{program}: error: {' '.join(str(e).split())} (--helpshort lists the flags)",
+            f"{program_name(argv[0] if argv else None)}: error: {' '.join(str(e).split())} "
+            "(--helpshort lists the flags)",
             file=sys.stderr,
         )
         sys.exit(EXIT_USER_ERROR)
     except USER_ERRORS as e:  # e.g. a config file that cannot be loaded
         if "--traceback" in argv:
             raise
-        print(user_error_message(e), file=sys.stderr)
+        print(user_error_message(e, program_name(argv[0] if argv else None)), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 
 def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:
     """`absl.app.run(main)` with this module's logging, user errors and `--traceback`; first
     the entry points' CPU back-end choice (`clade_jax.backend.configure_cpu_backend`)."""
-    from clade_jax.backend import configure_cpu_backend
-
-    configure_cpu_backend()
-
     backend.configure_cpu_backend()  # before JAX initialises its backends
 
     def wrapped(args: list[str]):
@@ -199,7 +209,8 @@ def run(main: Callable[[list[str]], object], argv: list[str] | None = None) -> N
             if FLAGS.traceback or FLAGS.verbosity >= 1:
                 raise
             logging.shutdown()
-            print(user_error_message(e), file=sys.stderr)
+            program = program_name((argv or sys.argv or [""])[0])
+            print(user_error_message(e, program), file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
 
     app.run(wrapped, argv=argv, flags_parser=_parse_flags)

@@ -216,7 +216,7 @@ def synthesize(
       The written files, label-major (all samples of the first map, then the next map's).
     """
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise ValueError(f"num_samples={num_samples}: must be >= 1")
     label_files = list_files(labels, "label map")
     stems = [f.stem for f in label_files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
@@ -334,10 +334,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from clade_jax import cli
 
-    from clade_jax.backend import configure_cpu_backend
-
-    configure_cpu_backend()
     _define_flags()
-    app.run(main)
+    cli.run(main)  # console lines, user errors -> one paragraph and exit 2, --traceback

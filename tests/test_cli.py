@@ -141,3 +141,52 @@ def test_progress_prints_step_lines_plain_lines_and_a_bar(caplog, capsys):
         p.update(3)
     err = capsys.readouterr().err
     assert "segmenter" in err and "3/5" in err and "step/s" in err
+
+
+# Each `python -m clade_jax....` entry point: a user error found before any model is built.
+_ENTRY_POINT_ERRORS = {
+    "synthesize": (
+        ["-m", "clade_jax.synthesize", "--workdir={tmp}", "--labels={tmp}", "--out={tmp}/out"]
+        + ["--num_samples=0"],
+        "python -m clade_jax.synthesize: error: --num_samples=0: must be >= 1",
+    ),
+    "convert": (
+        ["-m", "clade_jax.convert", "--official_dir={tmp}/official", "--workdir={tmp}/out"],
+        "python -m clade_jax.convert: error: {tmp}/official/opt.txt does not exist",
+    ),
+    "paint": (
+        ["-m", "clade_jax.paint", "--workdir={tmp}/run"],
+        "python -m clade_jax.paint: error: --workdir={tmp}/run holds no config.json",
+    ),
+    "prepare": (
+        ["-m", "clade_jax.data.prepare", "--dataset=ade20k", "--source_dir={tmp}/ade"]
+        + ["--data_dir={tmp}/tfds"],
+        "python -m clade_jax.data.prepare: error: --source_dir={tmp}/ade is not a directory",
+    ),
+    "ade20k_outdoor": (
+        ["-m", "clade_jax.data.ade20k_outdoor", "--root={tmp}/ade", "--out={tmp}/outdoor"],
+        "python -m clade_jax.data.ade20k_outdoor: error: --root={tmp}/ade is not a directory",
+    ),
+}
+
+
+def test_every_module_entry_point_ends_a_user_error_with_one_paragraph_and_exit_2(tmp_path):
+    # All at once (each is a Python start-up, ~2.5 s of CPU), checked one by one.
+    procs = {}
+    for name, (args, _) in _ENTRY_POINT_ERRORS.items():
+        work = tmp_path / name
+        work.mkdir()
+        cmd = [sys.executable, *(a.format(tmp=work) for a in args)]
+        procs[name] = subprocess.Popen(
+            cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        expected = _ENTRY_POINT_ERRORS[name][1].format(tmp=tmp_path / name)
+        assert proc.returncode == 2, (name, err[-3000:])
+        assert "Traceback" not in err, (name, err)
+        (line,) = err.strip().splitlines()  # one paragraph
+        assert line.startswith(expected), (name, line)
+        assert line.endswith("(--traceback shows where it happened)"), (name, line)
+    # Nothing was written for the failed runs.
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(_ENTRY_POINT_ERRORS)

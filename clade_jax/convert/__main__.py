@@ -1,7 +1,8 @@
 """`python -m clade_jax.convert --official_dir=DIR --workdir=OUT` (see `workdir.py`)."""
 
-from absl import app, flags
+from absl import flags, logging
 
+from clade_jax import cli
 from clade_jax.convert.workdir import convert
 
 flags.DEFINE_string("official_dir", None, "official checkpoint folder (opt.txt, *_net_G.pth)")
@@ -13,11 +14,8 @@ flags.mark_flags_as_required(["official_dir", "workdir"])
 def main(argv):
     del argv
     out = convert(flags.FLAGS.official_dir, flags.FLAGS.workdir, epoch=flags.FLAGS.epoch)
-    print(f"wrote {out}")
+    logging.info("wrote %s", out)
 
 
 if __name__ == "__main__":
-    from clade_jax.backend import configure_cpu_backend
-
-    configure_cpu_backend()
-    app.run(main)
+    cli.run(main)  # console lines, user errors -> one paragraph and exit 2, --traceback

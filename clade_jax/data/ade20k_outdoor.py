@@ -137,6 +137,8 @@ def main(argv: Sequence[str]) -> None:
 
     del argv
     f = flags.FLAGS
+    if not os.path.isdir(f.root):
+        raise NotADirectoryError(f"root={f.root} is not a directory (the ADEChallengeData2016 one)")
     classes = tuple(f.classes)
     rule = (
         f"ADE20k-outdoor: annotation has > {f.min_fraction} of its pixels in {', '.join(classes)}"
@@ -160,7 +162,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from clade_jax import cli
 
     _define_flags()
-    app.run(main)
+    cli.run(main)  # console lines, user errors -> one paragraph and exit 2, --traceback

@@ -18,9 +18,10 @@ gives the same examples.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from clade_jax import configs
 from clade_jax.data.decoding import LabelEncoding, label_encoding
@@ -118,6 +119,8 @@ def main(argv: Sequence[str]) -> None:
     del argv
     f = flags.FLAGS
     dataset = f.dataset
+    if not os.path.isdir(f.source_dir):  # before the builder creates anything under data_dir
+        raise NotADirectoryError(f"source_dir={f.source_dir} is not a directory")
     layout = FolderLayout(
         dataset=dataset,
         root=f.source_dir,
@@ -146,5 +149,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    from clade_jax import cli
+
     _define_flags()
-    app.run(main)
+    cli.run(main)  # console lines, user errors -> one paragraph and exit 2, --traceback

@@ -2,43 +2,57 @@
 
 Restores the run (latest checkpoint, EMA generator when kept), compiles it for its output size,
 prints the address and serves the painting page until Ctrl-C. Binds 127.0.0.1 unless told
-otherwise; `--host=0.0.0.0` (every interface) is logged as a warning.
+otherwise; `--host=0.0.0.0` (every interface) is logged as a warning. Console and user errors as
+every entry point (`clade_jax.cli`): a bad flag or workdir ends with one paragraph and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 
-from absl import logging
+from absl import flags
+
+from clade_jax import cli
+
+PROGRAM = "python -m clade_jax.paint"
+FLAGS = flags.FLAGS
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the command line, load the model, serve."""
-    p = argparse.ArgumentParser(
-        prog="python -m clade_jax.paint", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("--workdir", required=True, help="training or converted workdir")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1, local only)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--no_warmup", action="store_true", help="compile on the first request")
-    args = p.parse_args(argv)
-    logging.set_verbosity(logging.INFO)
-    if not os.path.isfile(os.path.join(args.workdir, "config.json")):
-        p.error(
-            f"--workdir={args.workdir} holds no config.json: give a training workdir or one "
-            "written by `python -m clade_jax.convert` (`make demo` trains workdirs/demo/clade)"
+def _define_flags() -> None:
+    """The flags, defined on first use only (importing this module defines none)."""
+    if "no_warmup" in FLAGS:
+        return
+    flags.DEFINE_string("workdir", None, "training or converted workdir")
+    flags.DEFINE_integer("port", 8000, "TCP port")
+    flags.DEFINE_string("host", "127.0.0.1", "interface (default 127.0.0.1, local only)")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+    flags.DEFINE_bool("no_warmup", False, "compile on the first request")
+
+
+def _serve(argv: list[str]) -> None:
+    """Check the workdir, load the model, serve (flags parsed)."""
+    del argv
+    workdir = FLAGS.workdir
+    if not workdir:
+        raise ValueError("--workdir is required: a training workdir or a converted one")
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(
+            f"workdir={workdir} holds no config.json: give a training workdir or one written "
+            "by `python -m clade_jax.convert` (`make demo` trains workdirs/demo/clade)"
         )
 
     from clade_jax.paint.server import PaintModel, serve
 
-    model = PaintModel.from_workdir(args.workdir, args.step)
-    serve(model, host=args.host, port=args.port, warm_up=not args.no_warmup)
+    model = PaintModel.from_workdir(workdir, FLAGS.step)
+    serve(model, host=FLAGS.host, port=FLAGS.port, warm_up=not FLAGS.no_warmup)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line `argv` (the flags; default: the process's own)."""
+    _define_flags()
+    cli.run(_serve, argv=[PROGRAM, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    from clade_jax.backend import configure_cpu_backend
-
-    configure_cpu_backend()
     main()
