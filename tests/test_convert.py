@@ -180,14 +180,22 @@ def test_generator_discriminator_and_encoder_pth_files_are_all_converted(tmp_pat
         assert all(not np.array_equal(want[p], init[p]) for p in want if p[-1] == "kernel")
 
 
-def test_unknown_dataset_mode_falls_back_to_the_custom_preset():
-    """An official dataset_mode without a clade_jax preset (e.g. facades) converts on the custom
-    preset, with classes, don't-care and instance use from the options."""
-    c = config_from_options(
-        {"dataset_mode": "facades", "label_nc": 12, "contain_dontcare_label": True}
-    )
+def test_unknown_dataset_mode_is_an_error_naming_value_file_and_known_modes(tmp_path):
+    """An official dataset_mode without a clade_jax preset (e.g. facades) is an error, not a silent
+    custom preset; `custom` converts with classes, don't-care and instance use from the options."""
+    options = {"dataset_mode": "facades", "label_nc": 12, "contain_dontcare_label": True}
+    with pytest.raises(ValueError, match=r"dataset_mode='facades' in the options.*custom"):
+        config_from_options(options)
+    fx = Fixture("clade_tiny")
+    write_official_dir(tmp_path, fx, extra={"dataset_mode": "facades"})
+    known = r"known modes: ade20k, coco, cityscapes, custom"
+    with pytest.raises(ValueError, match=rf"'facades' in {tmp_path}/opt\.txt .*{known}"):
+        convert(str(tmp_path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    c = config_from_options({**options, "dataset_mode": "custom"})
     assert c.data.dataset == "custom"
     assert (c.data.num_classes, c.data.dontcare_label, c.data.use_instance) == (13, 12, True)
+    assert config_from_options({"label_nc": 5}).data.dataset == "custom"  # no dataset_mode
     for mode, dataset in (
         ("ade20k", "ade20k"),
         ("coco", "coco_stuff"),

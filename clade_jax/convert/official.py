@@ -110,16 +110,28 @@ DATASET_CONFIGS = {
 }
 
 
-def config_from_options(options: Mapping) -> ml_collections.ConfigDict:
+def config_from_options(options: Mapping, source: str = "the options") -> ml_collections.ConfigDict:
     """Our config for the official options (dataset preset first, then every option that has a
     counterpart). `models.build` turns it into modules: the one route from options to networks.
 
+    Args:
+      options: the official options (`read_opt_txt`); no `dataset_mode` means "custom".
+      source: where they come from (the opt.txt path), for error messages.
+
     Raises:
-      ValueError: an option without a clade_jax counterpart (netG, norm_G), named.
+      ValueError: a `dataset_mode` without a clade_jax preset, or an option without a clade_jax
+        counterpart (netG, norm_G), named.
     """
     mode = options.get("dataset_mode", "custom")
-    base = DATASET_CONFIGS.get(mode, "custom")
-    c = configs.load(base)
+    if mode not in DATASET_CONFIGS:
+        # Not a silent fallback: another data set's checkpoint would convert with the wrong
+        # label conventions. A data set of one's own is "custom" (classes from label_nc).
+        raise ValueError(
+            f"dataset_mode={mode!r} in {source} has no clade_jax preset; known modes: "
+            f"{', '.join(DATASET_CONFIGS)} (for another data set set dataset_mode to 'custom': "
+            "the classes then come from label_nc / contain_dontcare_label)"
+        )
+    c = configs.load(DATASET_CONFIGS[mode])
     d, m = c.data, c.model
     d.num_classes = num_classes_from(options)
     d.dontcare_label = int(options["label_nc"]) if options.get("contain_dontcare_label") else -1

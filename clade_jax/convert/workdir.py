@@ -56,7 +56,7 @@ def convert(official_dir: str, workdir: str, *, epoch: str = "latest") -> str:
     if not os.path.exists(opt_path):
         raise FileNotFoundError(f"{opt_path} does not exist: need the official opt.txt")
     options = read_opt_txt(opt_path)
-    config = config_from_options(options)
+    config = config_from_options(options, source=opt_path)
     g_path = _find(official_dir, epoch, "G")
     if g_path is None:
         raise FileNotFoundError(f"no {epoch}_net_G.pth (or .npz) in {official_dir}")
