@@ -19,7 +19,6 @@ from test_training import _leaves, _one_vs_eight_devices
 
 from clade_jax.configs import synthetic
 from clade_jax.evaluation.evaluate import evaluate
-from clade_jax.layers.conv import plain_formulation
 from clade_jax.training import train_and_evaluate
 from clade_jax.training.loop import make_mesh
 
@@ -93,10 +92,6 @@ def test_evaluates_end_to_end(name, straight_runs):
 
 
 def test_switchable_one_device_and_eight_devices_agree():
-    """Switchable norm's batch statistics are global: 1 and 8 devices give the same step.
-
-    Traced with the plain one-hot convolutions (`plain_formulation`): their CPU gathers sum in
-    another order, which moves which noise-level gradient elements Adam's sign-like first step
-    flips; the formulations' equality is tested in test_fast_conv.py."""
-    with plain_formulation():
-        _one_vs_eight_devices(synthetic.get_config("tiny,pfn=switchable"))
+    """Switchable norm's batch statistics are global: 1 and 8 devices give the same step (with
+    the CPU's fast convolution paths, as training runs)."""
+    _one_vs_eight_devices(synthetic.get_config("tiny,pfn=switchable"))

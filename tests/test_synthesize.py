@@ -219,8 +219,8 @@ def test_icpe_and_instance_model(tmp_path):
 
 def test_converted_official_checkpoint_reproduces_the_official_output(fixture, tmp_path):
     """Label PNGs through a workdir made by `clade_jax.convert` from the official CLADE weights of
-    the parity fixture give the official PyTorch output (to one uint8 level on <= 0.1% of
-    pixels)."""
+    the parity fixture give the official PyTorch output: exactly, except one level on values
+    within float rounding of a quantization boundary."""
     from clade_jax.convert.workdir import convert
 
     fx = fixture("clade_tiny")
@@ -235,10 +235,16 @@ def test_converted_official_checkpoint_reproduces_the_official_output(fixture, t
     labels = np.asarray(fx["input/label"])
     paths = [write_png(tmp_path / f"map{i}.png", x.astype(np.uint8)) for i, x in enumerate(labels)]
     files = synthesize(workdir, paths, tmp_path / "out")
-    official_images = to_uint8(np.transpose(fx["output/image"], (0, 2, 3, 1)))  # NCHW -> NHWC
-    # The float outputs match the official ones to 1e-6 (test_parity); after quantization a
-    # value within float rounding of a .5 boundary may land one level apart (the CPU computes
-    # the one-hot `fc` as a gather, summing in another order): at most 1 level, at most 0.1%.
-    for path, expected in zip(files, official_images, strict=True):
+    official_float = np.transpose(fx["output/image"], (0, 2, 3, 1))  # NCHW -> NHWC
+    official_images = to_uint8(official_float)
+    # The float outputs match the official ones to ~1e-6 (test_parity), and the CPU sums the
+    # one-hot `fc` as a gather in another order, so a value whose scaled level (x + 1) / 2 * 255
+    # lies within 1e-3 of an integer may truncate one level apart. Every other value must be
+    # exact, and those within 1e-3 may differ by one level only.
+    scaled = (official_float.astype(np.float64) + 1) / 2 * 255
+    near_boundary = np.abs(scaled - np.rint(scaled)) < 1e-3
+    assert near_boundary.mean() < 0.01, near_boundary.mean()  # the exemption stays tiny
+    for path, expected, near in zip(files, official_images, near_boundary, strict=True):
         diff = np.abs(read(path).astype(np.int16) - expected.astype(np.int16))
-        assert diff.max() <= 1 and np.mean(diff > 0) <= 1e-3, (diff.max(), np.mean(diff > 0))
+        assert np.array_equal(diff[~near], np.zeros_like(diff[~near])), np.argwhere(diff * ~near)
+        assert diff.max() <= 1, diff.max()

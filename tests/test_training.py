@@ -267,8 +267,31 @@ def _assert_one_and_eight_agree(config, one, eight) -> None:
     # second forward of the step, momentum 0.1) differ by up to 0.1 * 2 lr_g per bias reaching
     # that norm (at most 4 in a row: fc, head_0, G_middle_0, G_middle_1 -> up_0).
     mean_atol = 0.1 * 2 * config.optim.lr_g * 4 if excluded else 0.0
+
+    def gradient_of(state, k):  # the step's gradient of a parameter (or of its EMA copy)
+        for param, mu in (("gen/", "opt_g/"), ("g_ema/", "opt_g/"), ("d/", "opt_d/")):
+            if k.startswith(param):
+                name = ("g/" if param == "g_ema/" else "") + k[len(param) :]
+                return state.get(f"{mu}opt_state/0/mu/{name}")
+        return None
+
+    def adam_first_step(g):  # beta1 = 0, bias-corrected: mu_hat = g, sqrt(nu_hat) = |g|
+        g = np.asarray(g, np.float64)
+        return g / (np.abs(g) + 1e-8)  # optax.adam's default eps
+
     for k in compared:
-        if s1[k].dtype.kind in "iub":
+        g1, g8 = gradient_of(s1, k), gradient_of(s8, k)
+        if g1 is not None:
+            # Adam's first step moves an element by lr * g / (|g| + eps): ~lr * sign(g), except
+            # where |g| is within a few orders of eps or below the two runs' (asserted tiny)
+            # gradient difference, whose sign or size the difference can move. So the parameters
+            # may differ exactly by what the gradients' difference implies; the rest is compared.
+            lr = config.optim.lr_g if k.startswith(("gen/", "g_ema/")) else config.optim.lr_d
+            scale = (1 - config.ema_decay) if k.startswith("g_ema/") else 1.0
+            implied = -lr * scale * (adam_first_step(g1) - adam_first_step(g8))
+            residual = np.asarray(s1[k], np.float64) - s8[k] - implied
+            assert np.linalg.norm(residual) <= 1e-5 * np.linalg.norm(s1[k]), k
+        elif s1[k].dtype.kind in "iub":
             assert np.array_equal(s1[k], s8[k]), k
         elif "running_mean" in k:
             std = np.sqrt(s1[k.replace("running_mean", "running_var")])
