@@ -45,7 +45,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
@@ -78,7 +77,8 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _load() -> str:
+def load_average() -> str:
+    """The 1 / 5 / 15-minute load averages, as recorded with every result."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
@@ -94,7 +94,8 @@ def _median_ms(xs: list[float]) -> float:
     return 1e3 * statistics.median(xs)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -115,11 +116,11 @@ def measure(
     from flax import nnx
 
     from clade_jax.configs import ade20k
-    from clade_jax.layers.conv import fold_spectral_norm
+    from clade_jax.evaluation.complexity.timing import compiled_forward, time_rounds, warm_up
     from clade_jax.models.build import build_generator
 
     labels = jax.random.randint(jax.random.key(1), (1, 256, 256), 0, 151, dtype=jnp.int32)
-    fns = {}  # (model, mode) -> zero-argument callable returning blocked-on output
+    fns = {}  # (model, mode) -> zero-argument callable returning its output
     for name in models:
         model = build_generator(ade20k.get_config(MODELS[name] or None), rngs=nnx.Rngs(0))
         if train:
@@ -133,37 +134,28 @@ def measure(
 
             step = jax.jit(jax.grad(loss, has_aux=True))
             fns[name, "train"] = lambda s=step, p=params, r=rest: s(p, r, labels)
-        model.eval()
-        variants = {"infer": fold_spectral_norm(model)}
+        # Inference exactly as the complexity table's runtime column times it.
+        fns[name, "infer"] = compiled_forward(model, {"labels": labels})
         if unfolded:
-            variants["unfolded"] = model
-        for mode, m in variants.items():
-            gdef, params, rest = nnx.split(m, nnx.Param, ...)
-            infer = jax.jit(lambda p, r, y, gdef=gdef: nnx.merge(gdef, p, r)(y))
-            fns[name, mode] = lambda f=infer, p=params, r=rest: f(p, r, labels)
+            fns[name, "unfolded"] = compiled_forward(model, {"labels": labels}, fold=False)
 
-    compile_s = {}
-    for key, f in fns.items():
-        t = time.perf_counter()
-        jax.block_until_ready(f())  # compile + first run
-        jax.block_until_ready(f())  # second warm-up run
-        compile_s["/".join(key)] = round(time.perf_counter() - t, 1)
+    # compile + first run, second warm-up run
+    compile_s = {"/".join(k): round(s, 1) for k, s in warm_up(fns, runs=2).items()}
 
     # Inference and training are timed in separate phases (a 20 s SPADE training step between two
     # inference calls evicts caches and makes the inference numbers noisier); within a phase the
     # models (and the folded / unfolded inference) alternate, one call each per round.
-    wall = {key: [] for key in fns}
-    cpu = {key: [] for key in fns}
-    loads = [_load()]
+    wall, cpu = {}, {}
+    loads = [load_average()]
     for modes, n in ((("infer", "unfolded"), infer_rounds), (("train",), rounds)):
-        keys = [key for key in fns if key[1] in modes]
-        for _ in range(n if keys else 0):
-            for key in keys:
-                t, c = time.perf_counter(), time.process_time()
-                jax.block_until_ready(fns[key]())
-                wall[key].append(time.perf_counter() - t)
-                cpu[key].append(time.process_time() - c)
-            loads.append(_load())
+        phase = {key: f for key, f in fns.items() if key[1] in modes}
+        if not phase:
+            continue
+        times = time_rounds(phase, n, after_round=lambda: loads.append(load_average()))
+        wall.update({key: t["wall"] for key, t in times.items()})
+        cpu.update({key: t["cpu"] for key, t in times.items()})
+    wall = {key: wall[key] for key in fns}  # the models' order
+    cpu = {key: cpu[key] for key in fns}
     return {
         "ms": {"/".join(k): round(_median_ms(v), 1) for k, v in wall.items()},
         "cpu_ms": {"/".join(k): round(_median_ms(v), 1) for k, v in cpu.items()},
@@ -174,7 +166,7 @@ def measure(
         "rounds": rounds,
         "infer_rounds": infer_rounds,
         "jax": jax.__version__,
-        "device": f"{jax.devices()[0].device_kind} ({_cpu_name()}, {os.cpu_count()} cores)",
+        "device": f"{jax.devices()[0].device_kind} ({cpu_name()}, {os.cpu_count()} cores)",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "backend": _backend_name(),
     }

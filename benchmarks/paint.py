@@ -24,27 +24,10 @@ import argparse
 import datetime
 import io
 import os
-import platform
 import statistics
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from generators import RESULTS, cpu_name, load_average  # this folder's (run as a script)
 
 
 def label_map(seed: int, size: int = 256):
@@ -64,9 +47,9 @@ def measure(rounds: int) -> dict:
     from PIL import Image
 
     from clade_jax.configs import ade20k
+    from clade_jax.inference import InferenceModel
     from clade_jax.models.build import build_generator
     from clade_jax.paint.server import PaintModel, create_app, serve_in_thread
-    from clade_jax.synthesize import InferenceModel
 
     config = ade20k.get_config()
     g = build_generator(config, rngs=nnx.Rngs(0))
@@ -80,7 +63,7 @@ def measure(rounds: int) -> dict:
         buf = io.BytesIO()
         Image.fromarray(m).save(buf, format="PNG")
         bodies.append(buf.getvalue())
-    out = {"load_start": _load()}
+    out = {"load_start": load_average()}
     with serve_in_thread(create_app(model)) as url, httpx.Client(base_url=url, timeout=600) as c:
 
         def request(k: int) -> float:
@@ -109,7 +92,7 @@ def measure(rounds: int) -> dict:
     out["ratio"] = out["request_ms"] / out["bare_ms"]
     out["compile_s"] = out["first_request_s"] - out["request_ms"] / 1e3
     out["rounds"] = rounds
-    out["load_end"] = _load()
+    out["load_end"] = load_average()
     return out
 
 
@@ -126,7 +109,7 @@ def main(argv=None) -> None:
     text = (
         f"\n### paint app latency ({stamp})\n\n"
         f"`python benchmarks/paint.py --rounds {r['rounds']}`: jax {jax.__version__}, "
-        f"{jax.devices()[0].device_kind} ({_cpu_name()}, {os.cpu_count()} cores), "
+        f"{jax.devices()[0].device_kind} ({cpu_name()}, {os.cpu_count()} cores), "
         f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`; load average (1/5/15 min) "
         f"{r['load_start']} at start, {r['load_end']} at end. Full-size CLADE (ADE20k config, "
         "random init, spectral norm folded), batch 1, 256x256; medians of alternating rounds.\n\n"

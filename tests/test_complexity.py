@@ -147,3 +147,28 @@ def test_cli_smoke_with_runtime(capsys):
         "CLADE (no inst.)",
     ]
     assert all(r["runtime_s"] is None for r in rows)
+
+
+def test_time_rounds_alternates_the_calls_and_times_each_until_ready():
+    """The timing `measure_runtime` and benchmarks/generators.py share: every call once per round,
+    in order, wall and CPU time of each; `warm_up` runs each call `runs` times first."""
+    order, rounds_done = [], []
+
+    def call(name: str, work: int):
+        def run():
+            order.append(name)
+            return jnp.sum(jnp.arange(work, dtype=jnp.float32))
+
+        return run
+
+    calls = {"a": call("a", 10), "b": call("b", 2_000_000)}
+    warm = complexity.warm_up(calls, runs=2)
+    assert order == ["a", "a", "b", "b"] and set(warm) == {"a", "b"}
+    order.clear()
+    times = complexity.time_rounds(calls, 3, after_round=lambda: rounds_done.append(len(order)))
+    assert order == ["a", "b"] * 3 and rounds_done == [2, 4, 6]
+    assert {k: {c: len(v) for c, v in t.items()} for k, t in times.items()} == {
+        "a": {"wall": 3, "cpu": 3},
+        "b": {"wall": 3, "cpu": 3},
+    }
+    assert all(x >= 0 for t in times.values() for v in t.values() for x in v)

@@ -1,8 +1,8 @@
 """Model complexity: the CLADE paper's Table 3 (params, MACs, runtime) and section 3.3 overheads.
 
 Modules: `reference` (the published tables, the rows' variants), `counts` (analytic and XLA
-counts, the section 3.3 overheads), `timing` (the runtime column), `table` (rows and their text),
-`cli` (the command).
+counts, the section 3.3 overheads), `timing` (the runtime column; `benchmarks/generators.py`
+times with it too), `table` (rows and their text), `cli` (the command).
 
     python -m clade_jax.evaluation.complexity --configs=ade20k,coco_stuff,cityscapes [--runtime]
 
@@ -78,7 +78,13 @@ from clade_jax.evaluation.complexity.reference import (
     Variant,
 )
 from clade_jax.evaluation.complexity.table import complexity_row, complexity_table, format_table
-from clade_jax.evaluation.complexity.timing import measure_runtime, random_generator
+from clade_jax.evaluation.complexity.timing import (
+    compiled_forward,
+    measure_runtime,
+    random_generator,
+    time_rounds,
+    warm_up,
+)
 from clade_jax.models.build import count_params
 
 __all__ = [
@@ -90,6 +96,7 @@ __all__ = [
     "VARIANTS",
     "Variant",
     "abstract_generator",
+    "compiled_forward",
     "complexity_row",
     "complexity_table",
     "count_params",
@@ -102,6 +109,8 @@ __all__ = [
     "norm_conv_pairs",
     "norm_overhead",
     "random_generator",
+    "time_rounds",
     "variant_config",
+    "warm_up",
     "xla_cost",
 ]
