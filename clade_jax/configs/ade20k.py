@@ -12,14 +12,7 @@ from clade_jax.configs import common
 
 
 def get_config(arg=None):
-    c = common.get_config()
-    c.data.dataset = "ade20k"
-    c.data.num_classes = 151  # 150 classes + don't-care
-    c.data.dontcare_label = 150  # raw label 0 ("unknown") becomes 150
-    c.data.label_255_to = -1  # ADE20k annotations contain no 255: any 255 is an error
-    c.data.preprocess = "resize_and_crop"
-    c.data.load_size = 286
-    c.data.crop_size = 256
-    c.num_epochs = 100
-    c.num_decay_epochs = 100
+    # 150 classes + don't-care: raw label 0 ("unknown") becomes 150; ADE20k annotations contain no
+    # 255, so any 255 is an error. Sizes (286 -> 256 crop) and epochs (100 + 100) are the defaults.
+    c = common.dataset_config("ade20k", num_classes=151, dontcare_label=150, label_255_to=-1)
     return common.apply_arg(c, arg)

@@ -11,18 +11,18 @@ from clade_jax.configs import common
 
 
 def get_config(arg=None):
-    c = common.get_config()
-    c.data.dataset = "cityscapes"
-    c.data.num_classes = 35  # label ids 0..34; no don't-care class
-    c.data.dontcare_label = -1
-    c.data.label_255_to = -1
-    c.data.use_instance = True
-    c.data.preprocess = "fixed"  # resize to crop_size x crop_size / aspect_ratio, no crop
-    c.data.load_size = 1024
-    c.data.crop_size = 1024
-    c.data.aspect_ratio = 2.0
+    # Label ids 0..34, no don't-care class; "fixed": resized to 1024 x 512, no crop.
+    c = common.dataset_config(
+        "cityscapes",
+        num_classes=35,
+        dontcare_label=-1,
+        label_255_to=-1,
+        use_instance=True,
+        preprocess="fixed",
+        load_size=1024,
+        crop_size=1024,
+        aspect_ratio=2.0,
+    )
     c.model.num_upsampling_layers = "more"
     c.batch_size = 16
-    c.num_epochs = 100
-    c.num_decay_epochs = 100
     return common.apply_arg(c, arg)

@@ -153,6 +153,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
+def dataset_config(
+    dataset: str, *, num_classes: int, dontcare_label: int, label_255_to: int, **data
+) -> ml_collections.ConfigDict:
+    """The defaults (`get_config`) for one data set: its label conventions and whatever other
+    `data` fields differ (sizes, instance maps, layout folders).
+
+    Args:
+      dataset: `data.dataset`.
+      num_classes: label classes counting the don't-care class.
+      dontcare_label: id of the don't-care class, -1 if none.
+      label_255_to: what label 255 of a label PNG becomes (-1: kept, an error if out of range).
+      **data: other `data` fields; an unknown name is a ValueError naming it.
+    """
+    c = get_config()
+    if unknown := sorted(set(data) - set(c.data)):
+        raise ValueError(f"{dataset}: unknown data fields {unknown}; known: {sorted(c.data)}")
+    c.data.update(
+        dict(
+            dataset=dataset,
+            num_classes=num_classes,
+            dontcare_label=dontcare_label,
+            label_255_to=label_255_to,
+            **data,
+        )
+    )
+    return c
+
+
 ARG_SPEC = dict(  # the shared `arg` keys (module docstring) with their types and defaults
     norm="",
     pfn="",
@@ -183,8 +211,6 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
         c.data.icpe = True
     if a.vae:
         c.model.use_vae = True
-    if a.bf16:
-        c.compute_dtype = "bfloat16"
     if a.ema:
         c.ema_decay = 0.999
     if a.source:
@@ -193,11 +219,19 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
         c.data.root = a.root
     if a.tiny:
         shrink_to_tiny(c)
+    apply_run_args(c, a)
+    return c
+
+
+def apply_run_args(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
+    """`steps=N`, `batch=N` and `bf16` of a parsed `arg` (after `tiny`, which they override); the
+    GAN configs and the segmenter's share them."""
     if a.steps:
         c.num_train_steps = a.steps
     if a.batch:
         c.batch_size = a.batch
-    return c
+    if a.bf16:
+        c.compute_dtype = "bfloat16"
 
 
 def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:

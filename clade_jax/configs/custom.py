@@ -9,12 +9,15 @@ from clade_jax.configs import common
 
 
 def get_config(arg=None):
-    c = common.get_config()
-    c.data.dataset = "custom"
-    c.data.label_dir = "labels"  # label PNGs (uint8 / uint16 class ids)
-    c.data.image_dir = "images"  # photos with the same file stems
-    c.data.instance_dir = ""  # optional instance-id PNGs ("" = none)
-    c.data.num_classes = 151
-    c.data.dontcare_label = 150
-    c.data.label_255_to = 150
+    # label PNGs (uint8 / uint16 class ids) in labels/, photos with the same file stems in images/,
+    # optional instance-id PNGs in instance_dir ("" = none); ADE20k-sized classes by default.
+    c = common.dataset_config(
+        "custom",
+        num_classes=151,
+        dontcare_label=150,
+        label_255_to=150,
+        label_dir="labels",
+        image_dir="images",
+        instance_dir="",
+    )
     return common.apply_arg(c, arg)

@@ -88,12 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.max_images = 16
     if a.width:
         c.model.widths = tuple(a.width * 2**i for i in range(len(c.model.widths)))
-    if a.steps:
-        c.num_train_steps = a.steps
-    if a.batch:
-        c.batch_size = a.batch
     if a.lr:
         c.optim.lr = a.lr
-    if a.bf16:
-        c.compute_dtype = "bfloat16"
+    common.apply_run_args(c, a)
     return c

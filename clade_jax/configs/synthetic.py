@@ -10,15 +10,17 @@ from clade_jax.configs import common
 
 
 def get_config(arg=None):
-    c = common.get_config()
-    c.data.dataset = "synthetic"
-    c.data.num_classes = 10  # clade_jax.data.synthetic.NUM_CLASSES (9 classes + don't-care)
-    c.data.dontcare_label = 9  # synthetic.DONTCARE: patches of random colours
-    c.data.label_255_to = -1  # scenes are generated, no label PNGs
-    c.data.preprocess = "resize_and_crop"
-    c.data.synthetic_resolution = 72  # rendered size, cropped to crop_size
-    c.data.load_size = 72
-    c.data.crop_size = 64
+    # clade_jax.data.synthetic: 9 classes + don't-care (9, patches of random colours); the scenes
+    # are generated, so there are no label PNGs (255 never occurs). Rendered at 72, cropped to 64.
+    c = common.dataset_config(
+        "synthetic",
+        num_classes=10,
+        dontcare_label=9,
+        label_255_to=-1,
+        synthetic_resolution=72,
+        load_size=72,
+        crop_size=64,
+    )
     c.model.ngf = 8  # small enough to train in minutes on 2 CPU cores
     c.model.ndf = 16
     c.model.n_layers_D = 3

@@ -52,42 +52,24 @@ __all__ = ["TorchFileError", "load_torch_file", "load_torchscript_params"]
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
-# Storage class name -> element dtype (little-endian; byte order is fixed up when reading).
-_STORAGE_DTYPES: dict[str, np.dtype] = {
-    "DoubleStorage": np.dtype("<f8"),
-    "FloatStorage": np.dtype("<f4"),
-    "HalfStorage": np.dtype("<f2"),
-    "LongStorage": np.dtype("<i8"),
-    "IntStorage": np.dtype("<i4"),
-    "ShortStorage": np.dtype("<i2"),
-    "CharStorage": np.dtype("i1"),
-    "ByteStorage": np.dtype("u1"),
-    "BoolStorage": np.dtype("?"),
-    "UntypedStorage": np.dtype("u1"),
-}
-if _BFLOAT16 is not None:
-    _STORAGE_DTYPES["BFloat16Storage"] = _BFLOAT16
+# One row per element type: torch's dtype attribute names (dtypes may appear as pickled globals),
+# the legacy storage class, the NumPy dtype (little-endian; byte order is fixed up when reading).
+_ELEMENT_TYPES: tuple[tuple[tuple[str, ...], str, np.dtype], ...] = (
+    (("float64", "double"), "DoubleStorage", np.dtype("<f8")),
+    (("float32", "float"), "FloatStorage", np.dtype("<f4")),
+    (("float16", "half"), "HalfStorage", np.dtype("<f2")),
+    (("int64", "long"), "LongStorage", np.dtype("<i8")),
+    (("int32", "int"), "IntStorage", np.dtype("<i4")),
+    (("int16", "short"), "ShortStorage", np.dtype("<i2")),
+    (("int8",), "CharStorage", np.dtype("i1")),
+    (("uint8",), "ByteStorage", np.dtype("u1")),
+    (("bool",), "BoolStorage", np.dtype("?")),
+) + (((("bfloat16",), "BFloat16Storage", _BFLOAT16),) if _BFLOAT16 is not None else ())
 
-# torch dtype attribute name -> NumPy dtype (dtypes may appear as pickled globals).
-_TORCH_DTYPES: dict[str, np.dtype] = {
-    "float64": np.dtype("f8"),
-    "double": np.dtype("f8"),
-    "float32": np.dtype("f4"),
-    "float": np.dtype("f4"),
-    "float16": np.dtype("f2"),
-    "half": np.dtype("f2"),
-    "int64": np.dtype("i8"),
-    "long": np.dtype("i8"),
-    "int32": np.dtype("i4"),
-    "int": np.dtype("i4"),
-    "int16": np.dtype("i2"),
-    "short": np.dtype("i2"),
-    "int8": np.dtype("i1"),
-    "uint8": np.dtype("u1"),
-    "bool": np.dtype("?"),
-}
-if _BFLOAT16 is not None:
-    _TORCH_DTYPES["bfloat16"] = _BFLOAT16
+# Storage class name -> element dtype; torch dtype attribute name -> NumPy dtype.
+_STORAGE_DTYPES: dict[str, np.dtype] = {storage: dt for _, storage, dt in _ELEMENT_TYPES}
+_STORAGE_DTYPES["UntypedStorage"] = np.dtype("u1")
+_TORCH_DTYPES: dict[str, np.dtype] = {n: dt for names, _, dt in _ELEMENT_TYPES for n in names}
 
 
 class TorchFileError(ValueError):

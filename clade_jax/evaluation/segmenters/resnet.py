@@ -144,7 +144,14 @@ class BatchNorm(nnx.Module):
 
 
 class ConvBN(nnx.Module):
-    """Conv (no bias) + BatchNorm (+ ReLU); `names` are the official child names."""
+    """Conv (no bias) + BatchNorm (+ ReLU); `names` are the official child names.
+
+    Args:
+      in_ch, out_ch, kernel_size, rngs, **conv: the `Conv2d` (`stride`, `padding`, `dilation`).
+      relu: end with a ReLU.
+      names: the official child names of the conv and the BN.
+      sync_buffers: see `BatchNorm`.
+    """
 
     def __init__(
         self,
@@ -152,23 +159,15 @@ class ConvBN(nnx.Module):
         out_ch: int,
         kernel_size: int,
         *,
-        stride: int = 1,
-        padding: int = 0,
-        dilation: int = 1,
         relu: bool = True,
         names: tuple[str, str] = ("0", "1"),
         sync_buffers: bool = False,
         rngs: nnx.Rngs,
+        **conv: int,
     ):
-        self.conv = Conv2d(
-            in_ch,
-            out_ch,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            rngs=rngs,
-        )
+        if unknown := set(conv) - {"stride", "padding", "dilation"}:
+            raise TypeError(f"ConvBN: unexpected arguments {sorted(unknown)}")
+        self.conv = Conv2d(in_ch, out_ch, kernel_size, rngs=rngs, **conv)
         self.bn = BatchNorm(out_ch, sync_buffers=sync_buffers)
         self.relu = relu
         self.names = names
