@@ -82,6 +82,7 @@ from clade_jax.evaluation.complexity.timing import (
     compiled_forward,
     measure_runtime,
     random_generator,
+    random_module,
     time_rounds,
     warm_up,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "norm_conv_pairs",
     "norm_overhead",
     "random_generator",
+    "random_module",
     "time_rounds",
     "variant_config",
     "warm_up",

@@ -8,7 +8,8 @@
 * `time_rounds(calls, rounds)`: alternating rounds (every call once per round, in order), the
   wall-clock and the process CPU time of each call (`block_until_ready`).
 * `measure_runtime(config)`: the median wall time per image of a random-weight generator
-  (`random_generator`) on random inputs.
+  (`random_generator`, `random_module`: NumPy weights, no initialiser compilations) on random
+  inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -31,40 +32,55 @@ from clade_jax.models.build import build_generator
 K = TypeVar("K", bound=Hashable)
 
 
-def random_generator(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
-    """The generator of `config` with random weights drawn by NumPy (for timing only).
-
-    Running the real initialisers compiles one small XLA program per distinct parameter shape,
-    which takes 15-30 s on a 2-core CPU even for the tiny models; timing does not need the
-    official initialisation, only finite weights of the right shapes. BatchNorm running
-    statistics are (0, 1) and spectral-norm vectors unit vectors, as after the real init.
+def random_module(
+    factory: Callable[[], nnx.Module],
+    *,
+    seed: int = 0,
+    scale: float = 0.02,
+    zeros: Sequence[str] = ("running_mean",),
+    ones: Sequence[str] = ("running_var",),
+) -> nnx.Module:
+    """The module `factory()` builds, with random weights drawn by NumPy instead of its
+    initialisers (which compile one small XLA program per distinct parameter shape: 15-30 s on a
+    2-core CPU even for tiny models; timing and shape tests need only finite weights).
 
     Args:
-      config: a generator config.
+      factory: builds the module (only traced, `nnx.eval_shape`).
       seed: NumPy seed.
+      scale: standard deviation of the weights.
+      zeros, ones: variable names set to 0 / 1 (running statistics, as after the real init).
+        Spectral-norm vectors (`u`, `v`) are random unit vectors.
 
     Returns:
-      The concrete generator (in training mode, as `build_generator` returns it).
+      The concrete module.
     """
     rng = np.random.default_rng(seed)
-    graphdef, abstract = nnx.split(
-        nnx.eval_shape(lambda: build_generator(config, rngs=nnx.Rngs(0)))
-    )
+    graphdef, abstract = nnx.split(nnx.eval_shape(factory))
 
     def fill(path, spec):
         # The last key that names a variable (tree paths end in the Variable's 'value' field).
         names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
         name = next((n for n in reversed(names) if n not in ("value", "raw_value")), "")
-        if name == "running_var":
-            return np.ones(spec.shape, spec.dtype)
-        if name == "running_mean":
+        if name in zeros:
             return np.zeros(spec.shape, spec.dtype)
+        if name in ones:
+            return np.ones(spec.shape, spec.dtype)
         x = rng.standard_normal(spec.shape).astype(spec.dtype)
         if name in ("u", "v"):
             return x / np.linalg.norm(x)
-        return 0.02 * x
+        return scale * x
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, abstract))
+
+
+def random_generator(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
+    """The generator of `config` with random weights (`random_module`; for timing only).
+
+    Returns:
+      The concrete generator (in training mode, as `build_generator` returns it); BatchNorm
+      running statistics are (0, 1), as after the real init.
+    """
+    return random_module(lambda: build_generator(config, rngs=nnx.Rngs(0)), seed=seed)
 
 
 def compiled_forward(
