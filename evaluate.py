@@ -37,6 +37,12 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "segmenter_weights", None, "the paper segmenter's published file(s), comma-separated"
 )
+flags.DEFINE_enum(
+    "pixel_accuracy",
+    None,
+    ["labeled", "all"],
+    "which pixel accuracy is reported as pixel_accuracy (default: the protocol's)",
+)
 flags.DEFINE_integer("max_images", None, "> 0: first N images; 0: all (default: config's)")
 flags.DEFINE_integer("batch_size", None, "synthesis batch size (default: config.eval.batch_size)")
 flags.DEFINE_string("fid_stats_dir", None, "cache of real FID statistics (default: ~/.cache)")
@@ -60,6 +66,7 @@ def main(argv):
         protocol=FLAGS.protocol,
         segmenter=FLAGS.segmenter,
         segmenter_weights=FLAGS.segmenter_weights,
+        pixel_accuracy=FLAGS.pixel_accuracy,
         max_images=FLAGS.max_images,
         batch_size=FLAGS.batch_size,
         fid_stats_dir=FLAGS.fid_stats_dir,

@@ -1,6 +1,7 @@
 """Evaluation throughput: the whole `evaluate()` (synthesis + Inception + segmenter), old vs new.
 
-    python benchmarks/evaluation.py [--images 32] [--batch 16] [--old_commit SHA]
+    python benchmarks/evaluation.py [--images 32] [--batch 16] [--old_commit SHA] [--no_append]
+    python benchmarks/evaluation.py --quick      # smoke run on tiny sizes; appends nothing
 
 * Work (equal for both): a synthetic-config generator (ngf 16, 64x64, random weights with its
   output convolution scaled so the images vary), `--images` validation examples at batch
@@ -16,7 +17,9 @@
   images/s is N / (t(2N) - t(N)), so compilation and set-up cancel. Peak host memory (max RSS)
   after the N and the 2N call: flat memory means the two agree.
 
-Appends a dated block to benchmarks/RESULTS.md.
+Appends a dated block to benchmarks/RESULTS.md (not with `--no_append` or `--quick`: `--quick`
+is a check that the benchmark runs, 8 images at batch 8, not a measurement). Timing needs a quiet
+machine: nothing else running.
 """
 
 from __future__ import annotations
@@ -121,14 +124,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--old_commit", default=None)
+    parser.add_argument(
+        "--no_append", action="store_true", help="print the table only (no RESULTS.md block)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 8 images at batch 8, nothing appended"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.batch, args.no_append = 8, 8, True
 
     sha = args.old_commit or old_commit()
     if not os.path.isdir(OLD):
         git("worktree", "add", "--detach", OLD, sha)
     elif git("rev-parse", "HEAD", cwd=OLD).strip() != sha:
         git("checkout", "--detach", sha, cwd=OLD)
-    workdir = os.path.join(WORK, "gan")
+    workdir = os.path.join(WORK, f"gan_val{2 * args.images}")  # the 2N call needs 2N examples
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         os.makedirs(WORK, exist_ok=True)
         code = _PREPARE.format(workdir=workdir, val=2 * args.images)
@@ -173,6 +184,9 @@ def main() -> None:
         )
     block = "\n".join(lines) + "\n"
     print(block)
+    if args.no_append:
+        print("(not appended to benchmarks/RESULTS.md: --no_append / --quick)")
+        return
     with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
         f.write("\n" + block)
 

@@ -360,20 +360,22 @@ def vivid96(vivid, tmp_path_factory):
 
 
 # protocol -> (FID reference split, reference count (None: the evaluated 8), PIL resample of the
-# reference images, multi-scale segmenter test, cache-name suffix)
+# reference images, multi-scale segmenter test, cache-name suffix, don't-care pixels in the
+# pixel accuracy's denominator)
 PROTOCOL_TABLE = {
-    "native": ("validation", None, Image.BICUBIC, False, ""),
-    "clade": ("train", 16, Image.BILINEAR, False, "_bilinear"),
-    "spade": ("validation", 64, Image.BICUBIC, True, ""),
-    "oasis": ("validation", 64, Image.BICUBIC, True, ""),
+    "native": ("validation", None, Image.BICUBIC, False, "", False),
+    "clade": ("train", 16, Image.BILINEAR, False, "_bilinear", False),
+    "spade": ("validation", 64, Image.BICUBIC, True, "", True),
+    "oasis": ("validation", 64, Image.BICUBIC, True, "", False),
 }
 
 
 @pytest.mark.parametrize("protocol", sorted(PROTOCOL_TABLE))
 def test_protocol_against_a_hand_computation(vivid96, tmp_path, protocol):
-    """Each protocol's FID reference set (split, count, resize) and segmenter test (single or
-    multi-scale), with the labels nearest-downsampled to the output size."""
-    split, ref_count, resample, multiscale, suffix = PROTOCOL_TABLE[protocol]
+    """Each protocol's FID reference set (split, count, resize), segmenter test (single or
+    multi-scale) and pixel accuracy (`spade`: the don't-care pixels count as errors), with the
+    labels nearest-downsampled to the output size."""
+    split, ref_count, resample, multiscale, suffix, with_dontcare = PROTOCOL_TABLE[protocol]
     config = checkpoint.load_config(vivid96)
     result = evaluate(
         vivid96, protocol=protocol, fid_stats_dir=tmp_path, inception=FEATURES,
@@ -390,3 +392,108 @@ def test_protocol_against_a_hand_computation(vivid96, tmp_path, protocol):
     classes = (colour_classes_np(fakes) + int(multiscale)) % K
     conf = segmentation.confusion_matrix(classes, real["label"], K, DONTCARE)
     np.testing.assert_array_equal(result["confusion"], conf)
+    correct = int((classes == real["label"]).sum())  # a don't-care pixel is never "correct"
+    dontcare = int((real["label"] == DONTCARE).sum())
+    assert dontcare > 0 and correct > 0
+    labeled, every = correct / (real["label"].size - dontcare), correct / real["label"].size
+    assert result["pixel_accuracy_labeled"] == pytest.approx(labeled, rel=1e-12)
+    assert result["pixel_accuracy_all"] == pytest.approx(every, rel=1e-12)
+    want = every if with_dontcare else labeled
+    assert result["pixel_accuracy"] == pytest.approx(want, rel=1e-12) and every < labeled
+
+
+class Lowerings:
+    """The programs JAX lowers while active, by function name: each jit cache miss (a trace and
+    a lowering, then a compilation or a read of the persistent compilation cache) is one."""
+
+    EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+    def __enter__(self):
+        self.names = []
+        self._listener = lambda event, _, **kw: (
+            self.names.append(kw.get("fun_name")) if event == self.EVENT else None
+        )
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        from jax._src import monitoring
+
+        monitoring.unregister_event_duration_listener(self._listener)
+
+
+def test_periodic_evaluation_reuses_its_evaluators_and_the_compiled_program(
+    vivid, tmp_path, monkeypatch
+):
+    """The trainer's periodic evaluation (`loop._evaluate_during_training`) builds the
+    evaluators once and hands the same ones to every `evaluate`; checkpoint 1, other weights of
+    the same model, is then scored without tracing or compiling anything (the compiled
+    evaluation program takes the weights as arguments), and its images and scores are those of
+    the new weights (computed independently), not the old ones."""
+    from clade_jax.evaluation import evaluate as evaluate_module
+    from clade_jax.training import loop
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(vivid, workdir, ignore=shutil.ignore_patterns("eval"))
+    config = checkpoint.load_config(workdir)
+    init = jax.jit(lambda key: nnx.split(GANState(config, 16, rngs=nnx.Rngs(key)))[1])
+    state = init(jax.random.key(1, impl="rbg"))  # other weights, the same architecture
+    kernel = state["gen"]["g"]["conv_img"]["kernel"]
+    kernel.set_value(kernel[...] * 4.0)
+    manager = checkpoint.make_manager(workdir, with_data=False)
+    checkpoint.save(manager, 1, state, force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+    builds, handed = [], []
+    real_build, real_evaluate = evaluate_module.build_evaluators, evaluate_module.evaluate
+    segmenter = colour_segmenter()
+
+    def build(config, **kwargs):
+        builds.append(kwargs)
+        return real_build(
+            config, inception=FEATURES, segmenter=segmenter, fid_stats_dir=tmp_path / "stats",
+            **kwargs,
+        )  # fmt: skip
+
+    def evaluate(wd, *, step, evaluators, **kwargs):
+        handed.append(evaluators)
+        return real_evaluate(wd, step=step, evaluators=evaluators, seed=5, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "build_evaluators", build)
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
+    waiting = type("Manager", (), {"wait_until_finished": lambda self: None})()
+    first = loop._evaluate_during_training(waiting, workdir, 0, config)
+    with Lowerings() as lowered:
+        again = loop._evaluate_during_training(waiting, workdir, 1, config, first)
+    print(f"programs lowered by the second evaluation: {len(lowered.names)} {lowered.names}")
+    assert again is first and len(builds) == 1 and handed == [first, first]
+    assert lowered.names == []  # nothing traced, lowered or compiled: the same program ran
+
+    results = [json.loads(Path(workdir, "eval", f"{s}.json").read_text()) for s in (0, 1)]
+    real = scenes(config, "validation", 8)
+    fakes = [read_pngs(r, real["name"]) for r in results]
+    assert np.abs(fakes[1].astype(int) - fakes[0]).mean() > 10  # other weights, other images
+    assert np.abs(fakes[1].astype(int) - generator_images(workdir, real, seed=5)).max() <= 1
+    assert results[1]["fid"] == pytest.approx(features_fid(fakes[1], real["image"]), rel=1e-6)
+    conf = segmentation.confusion_matrix(colour_classes_np(fakes[1]), real["label"], K, DONTCARE)
+    np.testing.assert_array_equal(results[1]["confusion"], conf)
+
+
+def test_evaluation_prints_progress_lines_off_a_terminal(vivid, tmp_path, caplog):
+    """Output that is not a terminal (pytest captures it) gets plain progress lines with the
+    counts, the rate and the ETA, for the synthesis pass and for the FID reference statistics."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="clade_jax.evaluation"):
+        evaluate(
+            vivid, max_images=16, batch_size=8, inception=FEATURES, fid_stats_dir=tmp_path,
+            progress_every_s=0.0,
+        )  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.name == "clade_jax.evaluation"]
+    synthesis = [x for x in lines if x.startswith("evaluation step 0 ")]
+    reference = [x for x in lines if x.startswith("FID reference (validation) ")]
+    for found in (synthesis, reference):
+        assert len(found) == 2, lines  # after the first batch, and the closing line
+        assert " 8/16 | " in found[0] and "images/s, ETA" in found[0]
+        assert " 16/16 | " in found[1] and "images/s" in found[1]

@@ -13,12 +13,16 @@ and those written by `python -m clade_jax.convert` alike) and the data of the sp
    posterior of the real image, keyed by `fold_in(key(seed), example index)`), runs Inception
    and the segmenter, and returns the pool features, the confusion-matrix counts and the uint8
    images. `max_images` > 0 keeps the first N examples; the padding of the last batch is masked
-   on device.
+   on device. The function is compiled once per process: another checkpoint of the same model,
+   another seed or another call with the same evaluators (`build_evaluators`, as the trainer's
+   periodic evaluation passes them) runs the same compiled program (see `evaluators.common`).
+   Progress: a bar with rate and ETA on a terminal, plain lines otherwise (`progress_every_s`).
 3. Writes `workdir/eval/<step>/images/<name>.png` (each process its own examples; PNGs of an
    earlier evaluation of the step are removed first) and `workdir/eval/<step>/grid.png`.
 4. FID against the protocol's reference set (`protocols`): `native` the real images of the same
    examples, `spade` / `oasis` the whole validation split, `clade` the training split resized
-   bilinearly. Reference statistics are computed once with the same runner and cached as
+   bilinearly. Reference statistics are computed once (a pass of the real images through a
+   runner of their own, with its progress bar) and cached as
    `<fid_stats_dir>/<dataset>_<split>_<hash>[_bilinear]_n<count>_<H>x<W>.npz` (default folder
    `$CLADE_JAX_CACHE/fid_stats`, else `~/.cache/clade_jax/fid_stats`).
 5. mIoU, pixel accuracy, mean class accuracy and frequency-weighted IoU of the segmenter on the
@@ -35,6 +39,7 @@ and those written by `python -m clade_jax.convert` alike) and the data of the sp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -202,9 +207,10 @@ def resolve_segmenter(
 
 
 def segmentation_evaluator(
-    seg: Any, description: str, config: Any, protocol: Any
+    seg: Any, description: str, config: Any, protocol: Any, pixel_accuracy: str | None = None
 ) -> seg_eval.SegmentationEvaluator:
-    """The segmentation evaluator of a segmenter for the run's data and protocol."""
+    """The segmentation evaluator of a segmenter for the run's data and protocol
+    (`pixel_accuracy`: "labeled" | "all", None: the protocol's)."""
     from clade_jax.evaluation import protocols
 
     data = config.data
@@ -226,6 +232,7 @@ def segmentation_evaluator(
         table,
         metric_ignore=dontcare if dontcare is not None and dontcare < k else None,
         what=what,
+        pixel_accuracy=pixel_accuracy or (protocol.pixel_accuracy if protocol else "labeled"),
     )
 
 
@@ -310,6 +317,7 @@ def reference_statistics(
     batch_size: int,
     mesh: Any,
     stats_dir: Any,
+    progress_every_s: float = 10.0,
 ) -> tuple[np.ndarray, np.ndarray, Path]:
     """(mu, sigma, cache path) of the protocol's FID reference set: cached, else one pass of
     the reference images through the runner (then cached by process 0)."""
@@ -321,7 +329,10 @@ def reference_statistics(
     ev = fid_eval.FidEvaluator(features)
     runner = common.Runner(common.real_source(), [ev], mesh=mesh)
     batches = reference_batches(data, ref_split, batch_size, protocol.fid_resize)
-    runner.run(batches, count=ref_count, what=f"real {ref_split} images")
+    runner.run(
+        batches, count=ref_count, what=f"FID reference ({ref_split})",
+        progress_every_s=progress_every_s,
+    )  # fmt: skip
     stats = ev.result()
     if jax.process_index() == 0:
         fid_eval.save_statistics(path, stats["mu"], stats["sigma"], ref_count, resolution)
@@ -397,6 +408,54 @@ def _load_model(workdir: str, step: int | None, use_ema: bool):
     return _MODEL_CACHE[key]
 
 
+@dataclasses.dataclass
+class Evaluators:
+    """What `evaluate` scores with, built once by `build_evaluators` and reusable across calls
+    (the trainer's periodic evaluation): the protocol, the FID feature function and the
+    segmentation evaluator. Reusing them reuses their compiled programs and loaded weights.
+
+    Attributes:
+      protocol: a `protocols.Protocol`.
+      features: the FID feature function pair `(fn, params)`, or None (no FID).
+      segmentation: a `SegmentationEvaluator`, or None (no segmenter: mIoU skipped).
+      segmenter: the segmenter's description for the JSON (None without one).
+      fid_stats_dir: cache folder of the real statistics (None: `default_fid_stats_dir()`).
+    """
+
+    protocol: Any
+    features: tuple[Callable, Any] | None
+    segmentation: seg_eval.SegmentationEvaluator | None
+    segmenter: str | None
+    fid_stats_dir: Any = None
+
+
+def build_evaluators(
+    config: Any,
+    *,
+    protocol: str | None = None,
+    segmenter_workdir: str | None = None,
+    segmenter: Any = None,
+    segmenter_weights: Any = None,
+    fid_stats_dir: str | os.PathLike | None = None,
+    compute_fid: bool = True,
+    inception: Any = None,
+    pixel_accuracy: str | None = None,
+) -> Evaluators:
+    """The evaluators of a run's config (arguments as `evaluate`'s; None: the config's)."""
+    eval_cfg = config.get("eval") or {}
+    proto = get_protocol(protocol or eval_cfg.get("protocol", "native") or "native")
+    features = _feature_function(inception, fid_stats_dir) if compute_fid else None
+    seg, seg_name = resolve_segmenter(
+        segmenter, segmenter_workdir, config, protocol=proto, segmenter_weights=segmenter_weights
+    )
+    if seg is None:
+        logging.info("no segmenter (see --segmenter / --segmenter_workdir): skipping mIoU")
+    seg_ev = None
+    if seg is not None:
+        seg_ev = segmentation_evaluator(seg, seg_name, config, proto, pixel_accuracy)
+    return Evaluators(proto, features, seg_ev, seg_name, fid_stats_dir)
+
+
 def evaluate(
     workdir: str,
     *,
@@ -411,10 +470,12 @@ def evaluate(
     fid_stats_dir: str | os.PathLike | None = None,
     compute_fid: bool = True,
     inception: Any = None,
+    pixel_accuracy: str | None = None,
+    evaluators: Evaluators | None = None,
     use_ema: bool = True,
     seed: int = 0,
     num_grid: int = 8,
-    log_every: int = 10,
+    progress_every_s: float = 10.0,
     mesh: Any = None,
 ) -> dict[str, Any]:
     """Synthesize a split and score it (see the module docstring).
@@ -437,18 +498,24 @@ def evaluate(
       inception: None (pytorch-fid's Inception), a device feature function pair
         `(fn(params, images_u8) -> (B, D), params)`, or a NumPy extractor uint8 (N, H, W, 3) ->
         (N, D) (called back from the device); another extractor needs its own `fid_stats_dir`.
+      pixel_accuracy: "labeled" | "all": which pixel accuracy is "pixel_accuracy" (both are
+        reported); None: the protocol's (`protocols`).
+      evaluators: `build_evaluators(...)` built before (then `protocol`, `segmenter*`,
+        `fid_stats_dir`, `compute_fid` and `inception` must be left unset): repeated
+        evaluations reuse the loaded networks and the compiled programs.
       use_ema: use the EMA generator when the run kept one.
       seed: base seed of the VAE's latent codes.
       num_grid: examples in the grid image.
-      log_every: progress line every this many batches.
+      progress_every_s: off a terminal, a progress line at most this often (on a terminal a
+        progress bar).
       mesh: the device mesh (default: every device of every process).
 
     Returns:
       The dict written to `workdir/eval/<step>.json`: "step", "split", "protocol",
       "num_images", "resolution", "generator", "z", "fid", "fid_real_stats", "segmenter",
       "miou", "pixel_accuracy", "mean_accuracy", "fw_iou", "per_class_iou", "confusion",
-      "real_miou", "real_pixel_accuracy", "images_dir", "grid", "seconds". Numbers that were
-      not computed are None.
+      "pixel_accuracy_labeled", "pixel_accuracy_all", "real_miou", "real_pixel_accuracy",
+      "images_dir", "grid", "seconds". Numbers that were not computed are None.
     """
     from clade_jax.data import make_eval_iterator, make_source
     from clade_jax.training.checkpoint import load_config
@@ -457,7 +524,26 @@ def evaluate(
     # Everything that can be checked without the weights first.
     config = load_config(workdir)
     data, eval_cfg = config.data, config.get("eval") or {}
-    proto = get_protocol(protocol or eval_cfg.get("protocol", "native") or "native")
+    if evaluators is None:
+        evaluators = build_evaluators(
+            config, protocol=protocol, segmenter_workdir=segmenter_workdir, segmenter=segmenter,
+            segmenter_weights=segmenter_weights, fid_stats_dir=fid_stats_dir,
+            compute_fid=compute_fid, inception=inception, pixel_accuracy=pixel_accuracy,
+        )  # fmt: skip
+    else:
+        given = dict(
+            protocol=protocol, segmenter_workdir=segmenter_workdir, segmenter=segmenter,
+            segmenter_weights=segmenter_weights, fid_stats_dir=fid_stats_dir, inception=inception,
+            pixel_accuracy=pixel_accuracy,
+        )  # fmt: skip
+        clash = sorted(k for k, v in given.items() if v is not None)
+        if clash or not compute_fid:
+            raise ValueError(
+                f"evaluate(evaluators=...) already fixes {clash or ['compute_fid']}: pass them "
+                "to build_evaluators instead"
+            )
+    proto, features, seg_ev = evaluators.protocol, evaluators.features, evaluators.segmentation
+    fid_stats_dir = evaluators.fid_stats_dir
     split = split or eval_cfg.get("split", "validation")
     mesh = common.make_mesh() if mesh is None else mesh
     batch_size = math.ceil(int(batch_size or eval_cfg.get("batch_size", 16)) / mesh.size)
@@ -465,38 +551,32 @@ def evaluate(
     max_images = int(eval_cfg.get("max_images", 0) if max_images is None else max_images)
     total = len(make_source(data, split))
     count = min(total, max_images) if max_images > 0 else total
-    if count < 1 or (compute_fid and count < 2):
+    if count < 1 or (features is not None and count < 2):
         raise ValueError(f"split {split!r} of {data.dataset}: {count} examples (FID needs 2)")
-    features = _feature_function(inception, fid_stats_dir) if compute_fid else None
-    seg, seg_name = resolve_segmenter(
-        segmenter, segmenter_workdir, config, protocol=proto, segmenter_weights=segmenter_weights
-    )
-    if seg is None:
-        logging.info("no segmenter (see --segmenter / --segmenter_workdir): skipping mIoU")
-    seg_ev = segmentation_evaluator(seg, seg_name, config, proto) if seg is not None else None
     fid_ev = fid_eval.FidEvaluator(features) if features is not None else None
 
     config, net, step = _load_model(workdir, step, use_ema)
     resolution = tuple(int(s) for s in net.output_size)
-    ref_path, _, _ = reference_path(data, proto, split, count, resolution, fid_stats_dir)
-    real_ev = None  # the reference = the evaluated examples: their features in the same pass
-    if fid_ev is not None and proto.same_examples(split) and not _cached(ref_path):
-        real_ev = fid_eval.FidEvaluator(features, "fid_real", real=True)
     images_dir = _fresh_images_dir(Path(workdir) / "eval" / str(step) / "images")
     logging.info(
         "evaluating %s step %d on %s/%s (protocol %s): %d images, batch %d on %d devices",
         workdir, step, data.dataset, split, proto.name, count, batch_size, mesh.size,
     )  # fmt: skip
     writer = _ImageWriter(images_dir, num_grid)
-    evaluators = [ev for ev in (seg_ev, fid_ev, real_ev) if ev is not None]
     runner = common.Runner(
-        common.generator_source(net, seed), evaluators, mesh=mesh, return_images=True
+        common.generator_source(net, seed),
+        [ev for ev in (seg_ev, fid_ev) if ev is not None],
+        mesh=mesh,
+        return_images=True,
     )
     pi, pc = jax.process_index(), jax.process_count()
     batches = make_eval_iterator(
         data, batch_size=batch_size, split=split, process_index=pi, process_count=pc
     )
-    runner.run(batches, count=count, on_images=writer, log_every=log_every)
+    runner.run(
+        batches, count=count, on_images=writer, progress_every_s=progress_every_s,
+        what=f"evaluation step {step}",
+    )  # fmt: skip
 
     result: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
     result.update(
@@ -504,19 +584,17 @@ def evaluate(
         protocol=proto.name, num_images=count, resolution=list(resolution),
         generator="ema" if (float(config.get("ema_decay", 0.0)) > 0 and use_ema) else "generator",
         z=f"posterior of the real image (reparameterize), seed {seed}" if net.use_vae else None,
-        segmenter=seg_name, images_dir=str(images_dir),
+        segmenter=evaluators.segmenter if seg_ev is not None else None,
+        images_dir=str(images_dir),
     )  # fmt: skip
     if fid_ev is not None:
-        if real_ev is not None:
-            ref = real_ev.result()
-            if jax.process_index() == 0:
-                fid_eval.save_statistics(ref_path, ref["mu"], ref["sigma"], count, resolution)
-            mu, sigma = ref["mu"], ref["sigma"]
-        else:
-            mu, sigma, ref_path = reference_statistics(
-                data, proto, split, count, resolution, features=features,
-                batch_size=batch_size, mesh=mesh, stats_dir=fid_stats_dir,
-            )  # fmt: skip
+        # The reference set (for `native` the evaluated examples' real images) in a pass of
+        # its own, once: cached afterwards (the synthesis program stays the same either way).
+        mu, sigma, ref_path = reference_statistics(
+            data, proto, split, count, resolution, features=features,
+            batch_size=batch_size, mesh=mesh, stats_dir=fid_stats_dir,
+            progress_every_s=progress_every_s,
+        )  # fmt: skip
         result.update(fid=_fid(fid_ev.result(), mu, sigma), fid_real_stats=str(ref_path))
     if seg_ev is not None:
         result.update({k: v for k, v in seg_ev.result().items() if k in RESULT_KEYS})
@@ -529,7 +607,8 @@ def evaluate(
 RESULT_KEYS = (
     "workdir", "step", "split", "dataset", "protocol", "num_images", "resolution", "generator",
     "z", "fid", "fid_real_stats", "segmenter", "miou", "pixel_accuracy", "mean_accuracy",
-    "fw_iou", "per_class_iou", "confusion", "real_miou", "real_pixel_accuracy", "images_dir",
+    "fw_iou", "per_class_iou", "confusion", "pixel_accuracy_labeled", "pixel_accuracy_all",
+    "real_miou", "real_pixel_accuracy", "images_dir",
     "grid", "seconds",
 )  # fmt: skip
 

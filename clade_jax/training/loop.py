@@ -135,6 +135,7 @@ def train_and_evaluate(
         writer.write_hparams(traverse_util.flatten_dict(config.to_dict(), sep="."))
     progress = runtime.Progress(num_steps, "training", initial=start, logger=log)
     pending, step = [], start
+    evaluators = None  # built at the first periodic evaluation, reused by the later ones
     with runtime.Preemption() as preemption, mesh, progress:
         for step in range(start, num_steps):
             local = next(iterator)
@@ -168,9 +169,9 @@ def train_and_evaluate(
             if done % config.checkpoint_every_steps == 0 or last or evaluate_now:
                 checkpoint.save(manager, done, state, iterator, force=True)
                 log.info("checkpoint step %d -> %s", done, manager.directory / str(done))
-            if evaluate_now:
+            if evaluate_now:  # every process: each evaluates its shard
                 progress.close()
-                _evaluate_during_training(manager, workdir, done, config)
+                evaluators = _evaluate_during_training(manager, workdir, done, config, evaluators)
             if stop:
                 break
     manager.wait_until_finished()
@@ -200,18 +201,26 @@ def _write_parameter_table(model: GANState, workdir: str) -> None:
             f.write("\n".join(lines) + "\n")
 
 
-def _evaluate_during_training(manager, workdir: str, step: int, config) -> None:
+def _evaluate_during_training(manager, workdir: str, step: int, config, evaluators=None):
     """`evaluate.py` on the checkpoint just written (FID, and mIoU with eval.segmenter_workdir);
-    results go to workdir/eval/<step>.json and TensorBoard. Single-process runs only."""
-    if jax.process_count() > 1:
-        log.warning("eval_every_steps: evaluation runs single-process; use evaluate.py")
-        return
-    from clade_jax.evaluation.evaluate import evaluate
+    results go to workdir/eval/<step>.json and TensorBoard (process 0 writes them; every
+    process synthesizes and scores its shard of the split, as `evaluate.py` on several hosts).
+
+    The evaluators (Inception, the segmenter, the protocol) are built at the first call and
+    returned; passing them back makes every later evaluation reuse them and the compiled
+    evaluation program (only the generator's weights change).
+    """
+    from clade_jax.evaluation import evaluate as evaluation
 
     manager.wait_until_finished()
-    result = evaluate(workdir, step=step, segmenter_workdir=config.eval.segmenter_workdir or None)
+    if evaluators is None:
+        evaluators = evaluation.build_evaluators(
+            config, segmenter_workdir=config.eval.segmenter_workdir or None
+        )
+    result = evaluation.evaluate(workdir, step=step, evaluators=evaluators)
     scores = " ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
     log.info("step %d evaluation: %s", step, scores)
+    return evaluators
 
 
 def _write_samples(sample_fn, state, batch, local, key, step, config, mesh, writer, workdir):

@@ -27,22 +27,33 @@ and, with `staged = True`, `host_stage(images_u8_local, local_batch) -> dict` an
 host (the runner then calls a second jit on the prepared inputs; the scores still never leave
 the device).
 
-`from_config` builds the evaluators of a run's config; the trainer builds them once and hands
-them in (evaluation never imports the training loop).
+Compiled once per process: the per-batch function (and the staged ones) are kept in a small cache
+keyed by everything that changes the program (`program_key`: the image source's and each
+evaluator's key, e.g. the generator's and the networks' `GraphDef`s, and the mesh); weights are
+arguments, never constants of the trace, so evaluating another checkpoint of the same model, as
+the trainer's periodic evaluation does, runs the compiled program again (jit's own cache handles
+other batch shapes). An evaluator without a `program_key` is keyed by its identity.
+
+The evaluators of a run are built by `clade_jax.evaluation.evaluate.build_evaluators`; the trainer
+builds them once and hands them in (evaluation never imports the training loop).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Sequence
+import logging as std_logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from clade_jax.training import runtime
+
+log = std_logging.getLogger("clade_jax.evaluation")
 
 # Batch entries a device function may read (the rest, e.g. names, stay on the host).
 DEVICE_KEYS = ("label", "image", "instance", "icpe", "index", "valid")
@@ -69,12 +80,29 @@ def float_to_uint8(images: jax.Array) -> jax.Array:
     return jnp.clip(jnp.rint((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
+def program_key(obj: Any) -> Hashable:
+    """What identifies the traced program of a source, evaluator or function: its
+    `program_key` attribute, else the object itself (by identity when it does not hash)."""
+    key = getattr(obj, "program_key", None)
+    if key is not None:
+        return key
+    try:
+        hash(obj)
+    except TypeError:
+        return ("id", id(obj))
+    return obj
+
+
 class ImageSource:
     """Where a pass's uint8 images come from: `fn(params, batch) -> (images (B, H, W, 3) uint8,
-    bad (B,) bool)` traced inside the per-batch jit; `bad` flags rows with NaN / inf."""
+    bad (B,) bool)` traced inside the per-batch jit; `bad` flags rows with NaN / inf.
 
-    def __init__(self, fn: Callable, params: Any, description: str):
+    `program_key`: hashable, equal for sources whose `fn` traces to the same program for the same
+    parameter shapes (default: `fn` itself)."""
+
+    def __init__(self, fn: Callable, params: Any, description: str, program_key=None):
         self.fn, self.params, self.description = fn, params, description
+        self.program_key = fn if program_key is None else program_key
 
 
 def generator_source(net: Any, seed: int = 0) -> ImageSource:
@@ -85,15 +113,16 @@ def generator_source(net: Any, seed: int = 0) -> ImageSource:
     """
     try:
         run, g_state, e_state = net._run, net._g_state, net._e_state
+        graphdefs = net._graphdefs
     except AttributeError as e:  # pragma: no cover - the InferenceModel's layout changed
         raise TypeError(f"{type(net).__name__} is not an InferenceModel") from e
     use_vae = bool(net.use_vae)
     use_instance, use_icpe = bool(net.use_instance), bool(net.use_icpe)
-    base_key = jax.random.key(seed)
 
     def fn(params, batch):
         keys = None
-        if use_vae:
+        if use_vae:  # the seed is an argument: another seed runs the same program
+            base_key = jax.random.key(params["seed"])
             keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(
                 jnp.maximum(batch["index"], 0)
             )
@@ -109,7 +138,11 @@ def generator_source(net: Any, seed: int = 0) -> ImageSource:
         bad = ~jnp.isfinite(fake).all(axis=(1, 2, 3))
         return to_uint8(fake), bad
 
-    return ImageSource(fn, {"g": g_state, "e": e_state}, "generator")
+    # The program depends on the networks' structure (GraphDefs: architecture, dtypes, shapes of
+    # the weights are in the parameters) and the flags; not on the weights or the seed.
+    key = ("generator", graphdefs, int(net.z_dim), use_vae, use_instance, use_icpe)
+    params = {"g": g_state, "e": e_state, "seed": np.asarray(seed, np.uint32)}
+    return ImageSource(fn, params, "generator", key)
 
 
 def real_source() -> ImageSource:
@@ -120,7 +153,39 @@ def real_source() -> ImageSource:
         images = float_to_uint8(batch["image"])
         return images, jnp.zeros(images.shape[:1], bool)
 
-    return ImageSource(fn, {}, "real images")
+    return ImageSource(fn, {}, "real images", "real images")
+
+
+# Compiled per-batch functions: program key -> (step jit, {evaluator name: staged jit}); the few
+# most recent (a training run's periodic evaluation and its reference pass need two).
+_PROGRAMS: OrderedDict = OrderedDict()
+MAX_PROGRAMS = 8
+
+
+def clear_programs() -> None:
+    """Forgets the compiled evaluation programs (the next pass traces and compiles again)."""
+    _PROGRAMS.clear()
+
+
+def _build_programs(source: ImageSource, direct: list, staged: list, mesh: Mesh):
+    """The jit-compiled per-batch function of a pass (and each staged evaluator's)."""
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    source_fn = source.fn
+
+    def evaluation_step(params, batch):
+        images, bad = source_fn(params["source"], batch)
+        valid = batch["valid"]
+        out = {
+            "valid": valid,
+            "bad": bad & valid,
+            "evals": {ev.name: ev.device_fn(params[ev.name], images, batch) for ev in direct},
+        }
+        return out, images
+
+    step = jax.jit(evaluation_step, out_shardings=(replicated, batch_sharding))
+    staged_fns = {ev.name: jax.jit(ev.staged_fn, out_shardings=replicated) for ev in staged}
+    return step, staged_fns
 
 
 def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -175,23 +240,19 @@ class Runner:
         if jax.process_count() > 1:  # the same host values on every process -> global arrays
             params = jax.tree.map(np.asarray, params)
         self.params = jax.device_put(params, replicated)
-        direct = self._direct
-
-        def step(params, batch):
-            images, bad = source.fn(params["source"], batch)
-            valid = batch["valid"]
-            out = {
-                "valid": valid,
-                "bad": bad & valid,
-                "evals": {ev.name: ev.device_fn(params[ev.name], images, batch) for ev in direct},
-            }
-            return out, images
-
-        out_shardings = (replicated, self.batch_sharding)
-        self._step = jax.jit(step, out_shardings=out_shardings)
-        self._staged_fns = {
-            ev.name: jax.jit(ev.staged_fn, out_shardings=replicated) for ev in self._staged
-        }
+        self.program_key = (
+            program_key(source),
+            tuple((ev.name, program_key(ev)) for ev in self._direct),
+            tuple((ev.name, program_key(ev)) for ev in self._staged),
+            self.mesh,
+        )
+        programs = _PROGRAMS.pop(self.program_key, None)
+        if programs is None:
+            programs = _build_programs(source, self._direct, self._staged, self.mesh)
+        _PROGRAMS[self.program_key] = programs  # the most recent last
+        while len(_PROGRAMS) > MAX_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+        self._step, self._staged_fns = programs
 
     def run(
         self,
@@ -199,7 +260,7 @@ class Runner:
         *,
         count: int,
         on_images: Callable[[np.ndarray, dict], None] | None = None,
-        log_every: int = 10,
+        progress_every_s: float = 10.0,
         what: str = "images",
     ) -> int:
         """Evaluates the first `count` examples of `batches`.
@@ -210,13 +271,27 @@ class Runner:
             passed them.
           on_images: called with (this process's uint8 images, local batch, with `valid`) per
             batch when `return_images`.
-          log_every: progress line every this many batches.
+          progress_every_s: off a terminal, a progress line (count, images/s, ETA) at most
+            this often, and one at the end; on a terminal a progress bar (`runtime.Progress`).
           what: name of the images in the progress lines.
 
         Returns:
           The number of examples evaluated (over all processes).
         """
-        seen, start = 0, time.time()
+        for ev in self.evaluators:  # evaluators handed in again start from zero
+            if hasattr(ev, "reset"):
+                ev.reset()
+        with runtime.Progress(
+            count, what, unit="image", every_s=progress_every_s, logger=log
+        ) as progress:
+            seen = self._loop(batches, count, on_images, progress)
+            progress.log(seen)  # the closing line: count and rate
+        if seen != count:
+            raise RuntimeError(f"evaluated {seen} {what}, expected {count}")
+        return seen
+
+    def _loop(self, batches, count, on_images, progress) -> int:
+        seen = 0
         for b, local in enumerate(batches):
             local = dict(local)
             index = np.asarray(local["index"])
@@ -249,12 +324,9 @@ class Runner:
                 ev.update(out["evals"][ev.name])
             if self.return_images and on_images is not None:
                 on_images(local_images, local)
-            seen += int(np.asarray(out["valid"]).sum())
-            if (b + 1) % log_every == 0 or seen >= count:
-                rate = seen / max(time.time() - start, 1e-9)
-                logging.info("%s: %d / %d (%.1f images/s)", what, seen, count, rate)
+            done = int(np.asarray(out["valid"]).sum())
+            seen += done
+            progress.update(done)
             if seen >= count:
                 break
-        if seen != count:
-            raise RuntimeError(f"evaluated {seen} {what}, expected {count}")
         return seen

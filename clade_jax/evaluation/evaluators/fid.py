@@ -77,7 +77,12 @@ def inception_features(weights: Any = None) -> tuple[Callable, Any]:
 
     if weights is None:
         weights = pretrained.inception_path()
+    path = None
     if not hasattr(weights, "keys"):
+        path = os.path.realpath(weights)
+        stamp = os.stat(path).st_mtime_ns if os.path.exists(path) else None
+        if (path, stamp) in _INCEPTION:  # loaded before in this process (periodic evaluation)
+            return _INCEPTION[(path, stamp)]
         weights = pretrained.load_inception_state(weights)
     model = nnx.eval_shape(lambda: fid_lib.InceptionV3(rngs=nnx.Rngs(0)))
     fid_lib.load_pytorch_fid_state(model, weights)
@@ -86,7 +91,14 @@ def inception_features(weights: Any = None) -> tuple[Callable, Any]:
     def fn(params, images):
         return nnx.merge(graphdef, params)(fid_lib.preprocess(images))
 
+    fn.program_key = ("inception", graphdef)  # the same program for any weights
+    if path is not None:
+        _INCEPTION.clear()
+        _INCEPTION[(path, stamp)] = (fn, state)
     return fn, state
+
+
+_INCEPTION: dict = {}  # (weights file, mtime) -> the last (fn, params) loaded
 
 
 def host_features(extractor: Callable[[np.ndarray], np.ndarray], dim: int) -> tuple[Callable, Any]:
@@ -117,6 +129,9 @@ class FidEvaluator:
         self.name, self.real = name, real
         self._fn, self._params = features
         self.stats = RunningStatistics()
+        from clade_jax.evaluation.evaluators.common import program_key
+
+        self.program_key = ("fid", real, program_key(self._fn))
 
     def device_params(self) -> Any:
         return self._params

@@ -50,6 +50,8 @@ class DeviceSegmenter:
       description: for the JSON.
       host_inputs: optional fn(images uint8 NumPy (n, H, W, 3), label_size) -> dict of NumPy
         arrays with a leading batch axis (PIL resizes of the official protocols).
+      program_key: hashable, equal for segmenters whose `scores` trace to the same program
+        (e.g. the network's GraphDef and the protocol); default: `scores` itself.
     """
 
     def __init__(
@@ -59,10 +61,12 @@ class DeviceSegmenter:
         num_classes: int,
         description: str,
         host_inputs: Callable | None = None,
+        program_key: Any = None,
     ):
         self.scores, self.params = scores, params
         self.num_classes, self.description = int(num_classes), description
         self.host_inputs = host_inputs
+        self.program_key = scores if program_key is None else program_key
 
 
 def _resize_scores(scores: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -99,7 +103,9 @@ def device_segmenter(seg: Any, *, multiscale: bool = False) -> DeviceSegmenter:
             logits = nnx.merge(graphdef, params)(images)
             return _check_scores(logits, images.shape[0], size, k, "the builtin segmenter")
 
-        return DeviceSegmenter(nnx_scores, seg._state, k, "builtin U-Net")
+        return DeviceSegmenter(
+            nnx_scores, seg._state, k, "builtin U-Net", program_key=("builtin", graphdef, k)
+        )
     from clade_jax.evaluation.segmenters import Segmenter as PaperSegmenter
 
     if isinstance(seg, PaperSegmenter):
@@ -188,7 +194,8 @@ def _paper_segmenter(seg: Any, multiscale: bool) -> DeviceSegmenter:
 
     else:
         raise TypeError(f"unknown paper segmenter {name!r}")
-    return DeviceSegmenter(scores, state, k, f"{name} ({ms})", host)
+    key = ("paper", name, graphdef, bool(multiscale), k)
+    return DeviceSegmenter(scores, state, k, f"{name} ({ms})", host, program_key=key)
 
 
 def _traced_or_callback(seg: Any, multiscale: bool) -> DeviceSegmenter:
@@ -212,7 +219,10 @@ def _traced_or_callback(seg: Any, multiscale: bool) -> DeviceSegmenter:
             return np.asarray(seg.scores(images, label_size=tuple(size), multiscale=multiscale))
 
         return _callback_segmenter(seg, host_scores, f"{name} ({ms}, host)")
-    return DeviceSegmenter(traced, {}, k, f"{name} ({ms})")
+    from clade_jax.evaluation.evaluators.common import program_key
+
+    key = ("traced", program_key(seg), bool(multiscale), k)
+    return DeviceSegmenter(traced, {}, k, f"{name} ({ms})", program_key=key)
 
 
 def _callback_segmenter(seg: Any, fn: Callable | None = None, description=None) -> DeviceSegmenter:
@@ -288,6 +298,11 @@ class SegmentationEvaluator:
       real: also score the batch's real images.
       what: name of the data in error messages (the data set and protocol).
       name: the evaluator's name.
+      pixel_accuracy: which pixel accuracy `result()["pixel_accuracy"]` is: "labeled" (correct
+        / pixels with a class, the segmenters' repositories' rule) or "all" (correct / every
+        pixel, the ignored ones counted as errors: the reading of SPADE's published Cityscapes
+        accuracy, see `protocols`). Both are in the result ("pixel_accuracy_labeled",
+        "pixel_accuracy_all").
     """
 
     def __init__(
@@ -299,18 +314,25 @@ class SegmentationEvaluator:
         real: bool = True,
         what: str = "the data",
         name: str = "segmentation",
+        pixel_accuracy: str = "labeled",
     ):
+        if pixel_accuracy not in ("labeled", "all"):
+            raise ValueError(f"pixel_accuracy must be 'labeled' or 'all', not {pixel_accuracy!r}")
+        self.pixel_accuracy = pixel_accuracy
         self.name, self.seg, self.real, self.what = name, segmenter, real, what
         self.table = np.asarray(table, np.int32)
         self.metric_ignore = metric_ignore
         self.staged = segmenter.host_inputs is not None
         k = segmenter.num_classes
+        self.program_key = ("segmentation", real, segmenter.program_key, k)
         self.conf = np.zeros((k, k), np.int64)
         self.conf_real = np.zeros((k, k), np.int64)
+        self.ignored = 0  # pixels of the valid rows whose label is ignored (not in `conf`)
 
     def reset(self) -> None:
         self.conf = np.zeros_like(self.conf)
         self.conf_real = np.zeros_like(self.conf_real)
+        self.ignored = 0
 
     def device_params(self) -> Any:
         return {"seg": self.seg.params, "table": jnp.asarray(self.table)}
@@ -343,9 +365,15 @@ class SegmentationEvaluator:
                 "score them against"
             )
 
+    def _ignored(self, params, batch) -> jax.Array:
+        """Pixels of the valid rows whose label maps to IGNORED (the don't-care ids)."""
+        gt = params["table"][batch["label"]]
+        return ((gt == IGNORED) & batch["valid"][:, None, None]).sum(dtype=jnp.int32)
+
     def device_fn(self, params, images, batch) -> dict:
         size = tuple(batch["label"].shape[1:3])
         out = {"fake": self._counts(params, self.seg.scores(params["seg"], images, size), batch)}
+        out["ignored"] = self._ignored(params, batch)
         if self.real:
             from clade_jax.evaluation.evaluators.common import float_to_uint8
 
@@ -366,7 +394,10 @@ class SegmentationEvaluator:
         size = tuple(batch["label"].shape[1:3])
         part = lambda p: {k.split("/", 1)[1]: v for k, v in inputs.items() if k.startswith(p)}
         out = {
-            "fake": self._counts(params, self.seg.scores(params["seg"], part("fake/"), size), batch)
+            "fake": self._counts(
+                params, self.seg.scores(params["seg"], part("fake/"), size), batch
+            ),
+            "ignored": self._ignored(params, batch),
         }
         if self.real:
             scores = self.seg.scores(params["seg"], part("real/"), size)
@@ -379,14 +410,19 @@ class SegmentationEvaluator:
 
     def update(self, outputs: dict) -> None:
         self.conf += np.asarray(outputs["fake"], np.int64)
+        self.ignored += int(outputs["ignored"])
         if self.real:
             self.conf_real += np.asarray(outputs["real"], np.int64)
 
     def result(self) -> dict[str, Any]:
         scores = segmentation.segmentation_metrics(self.conf, self.metric_ignore)
+        labeled = scores["pixel_accuracy"]
+        every = self._accuracy_all(self.conf)
         out = {
             "miou": scores["miou"],
-            "pixel_accuracy": scores["pixel_accuracy"],
+            "pixel_accuracy": every if self.pixel_accuracy == "all" else labeled,
+            "pixel_accuracy_labeled": labeled,
+            "pixel_accuracy_all": every,
             "mean_accuracy": scores["mean_accuracy"],
             "fw_iou": scores["fw_iou"],
             "per_class_iou": scores["per_class_iou"],
@@ -394,9 +430,17 @@ class SegmentationEvaluator:
         }
         if self.real:
             real = segmentation.segmentation_metrics(self.conf_real, self.metric_ignore)
+            real_all = self._accuracy_all(self.conf_real)
             out.update(
                 real_miou=real["miou"],
-                real_pixel_accuracy=real["pixel_accuracy"],
+                real_pixel_accuracy=real_all
+                if self.pixel_accuracy == "all"
+                else real["pixel_accuracy"],
                 real_confusion=self.conf_real.copy(),
             )
         return out
+
+    def _accuracy_all(self, conf: np.ndarray) -> float:
+        """Correct pixels / every pixel of the valid rows (ignored labels count as errors)."""
+        total = int(conf.sum()) + self.ignored
+        return float(np.trace(conf) / total) if total else float("nan")
