@@ -5,10 +5,12 @@
   generator (spectral norm folded) and the VAE encoder as one jit-compiled function in eval mode.
 * `sample_keys(seed, k, n)`: the latent-code keys of sample k (the same for every label map).
 * `pad_batch(x, size)`: a short last batch padded to the compiled size (its last row repeated).
-* `to_uint8`: the one quantization of images in [-1, 1] to uint8. Synthesized images are
-  truncated as the official `util.tensor2im` (FID on saved images then matches the official test
-  script's PNGs); `rounding="nearest"` gives back exactly the uint8 a real photo was read from
-  (the pipeline's `x / 127.5 - 1`), which truncation would not (254.99998 -> 254).
+* `to_uint8` (host) / `to_uint8_device` (jit-able): the one quantization of images in [-1, 1]
+  to uint8, written once for both (`_quantize`). Synthesized images are truncated as the official
+  `util.tensor2im` (FID on saved images then matches the official test script's PNGs);
+  `rounding="nearest"` gives back exactly the uint8 a real photo was read from (the pipeline's
+  `x / 127.5 - 1`), which truncation would not (254.99998 -> 254). Both are needed: parity pins
+  the first for synthesized images, the second makes real photos round-trip bit-exact.
 
 Shared by `clade_jax.synthesize` (files in, PNGs out), `clade_jax.evaluation` and `clade_jax.paint`.
 """
@@ -26,8 +28,21 @@ from clade_jax.models.encoder import reparameterize
 ROUNDINGS = ("truncate", "nearest")
 
 
+def _quantize(xp, images, rounding: str):
+    """The two rules, written once for NumPy (`xp=np`) and jax.numpy (`xp=jnp`): the same float32
+    operations in the same order, so host and device give the same bytes."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if images.dtype == xp.uint8:
+        return images
+    x = images.astype(xp.float32) + 1.0
+    if rounding == "nearest":
+        return xp.clip(xp.rint(x * 127.5), 0, 255).astype(xp.uint8)
+    return xp.clip(x / 2.0 * 255.0, 0, 255).astype(xp.uint8)
+
+
 def to_uint8(images: np.ndarray | jax.Array, rounding: str = "truncate") -> np.ndarray:
-    """Images in [-1, 1] -> uint8; uint8 images pass through unchanged.
+    """Images in [-1, 1] -> uint8 (NumPy, on the host); uint8 images pass through unchanged.
 
     Args:
       images: (..., 3) float in [-1, 1], or uint8.
@@ -39,15 +54,12 @@ def to_uint8(images: np.ndarray | jax.Array, rounding: str = "truncate") -> np.n
     Returns:
       uint8 array of the same shape.
     """
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images
-    if rounding == "nearest":
-        return np.clip(np.rint((images.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    x = (images.astype(np.float32) + 1.0) / 2.0 * 255.0
-    return np.clip(x, 0, 255).astype(np.uint8)
+    return _quantize(np, np.asarray(images), rounding)
+
+
+def to_uint8_device(images: jax.Array, rounding: str = "truncate") -> jax.Array:
+    """`to_uint8` in jax.numpy: the same rule and bytes, on device and inside `jit`."""
+    return _quantize(jnp, jnp.asarray(images), rounding)
 
 
 class InferenceModel:
@@ -72,7 +84,6 @@ class InferenceModel:
         # A copy with spectral norm folded (W / sigma once, not per call).
         g_def, self._g_state = nnx.split(fold_spectral_norm(generator))
         e_def, self._e_state = nnx.split(encoder) if encoder is not None else (None, None)
-        self._graphdefs = (g_def, e_def)  # the program's structure (evaluation's cache key)
         z_dim = self.z_dim
 
         def run(g_state, e_state, labels, instance, icpe, style, keys):

@@ -54,13 +54,12 @@ def image_grid(labels: np.ndarray, fake: np.ndarray, real: np.ndarray, num_class
 
     Args:
       labels: (N, H, W) int class ids.
-      fake, real: (N, H, W, 3) float in [-1, 1] (or uint8).
+      fake, real: (N, H, W, 3) float in [-1, 1] (or uint8); synthesized images are quantized as
+        saved ones (truncated, `to_uint8`), real ones back to the uint8 they were read from.
       num_classes: for `colorize`.
     """
     rows = [
-        np.concatenate(
-            [colorize(lab, num_classes), to_uint8(f, "nearest"), to_uint8(r, "nearest")], axis=1
-        )
+        np.concatenate([colorize(lab, num_classes), to_uint8(f), to_uint8(r, "nearest")], axis=1)
         for lab, f, r in zip(labels, fake, real, strict=True)
     ]
     return np.concatenate(rows, axis=0)
