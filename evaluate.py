@@ -43,6 +43,11 @@ flags.DEFINE_enum(
     ["labeled", "all"],
     "which pixel accuracy is reported as pixel_accuracy (default: the protocol's)",
 )
+flags.DEFINE_string(
+    "segmenter_size",
+    None,
+    "HxW the images are resized to for the segmenter, e.g. 1024x2048 (default: the output size)",
+)
 flags.DEFINE_integer("max_images", None, "> 0: first N images; 0: all (default: config's)")
 flags.DEFINE_integer("batch_size", None, "synthesis batch size (default: config.eval.batch_size)")
 flags.DEFINE_string("fid_stats_dir", None, "cache of real FID statistics (default: ~/.cache)")
@@ -51,6 +56,17 @@ flags.DEFINE_bool("ema", True, "use the EMA generator when the run kept one")
 flags.DEFINE_integer("seed", 0, "seed of the VAE latent codes")
 flags.mark_flags_as_required(["workdir"])
 distributed.define_flags()
+
+
+def _size(text):
+    """ "1024x2048" -> (1024, 2048); None stays None."""
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--segmenter_size must be HxW, e.g. 1024x2048, got {text!r}") from None
+    return h, w
 
 
 def main(argv):
@@ -67,6 +83,7 @@ def main(argv):
         segmenter=FLAGS.segmenter,
         segmenter_weights=FLAGS.segmenter_weights,
         pixel_accuracy=FLAGS.pixel_accuracy,
+        segmenter_size=_size(FLAGS.segmenter_size),
         max_images=FLAGS.max_images,
         batch_size=FLAGS.batch_size,
         fid_stats_dir=FLAGS.fid_stats_dir,

@@ -497,3 +497,42 @@ def test_evaluation_prints_progress_lines_off_a_terminal(vivid, tmp_path, caplog
         assert len(found) == 2, lines  # after the first batch, and the closing line
         assert " 8/16 | " in found[0] and "images/s, ETA" in found[0]
         assert " 16/16 | " in found[1] and "images/s" in found[1]
+
+
+class SubsampleSegmenter:
+    """A traced segmenter scoring at the label size from every (H / h, W / w)-th pixel of its
+    input (colour classes); records the input sizes it is traced with."""
+
+    num_classes = K
+    name = "subsample"
+
+    def __init__(self):
+        self.sizes = []
+
+    def scores(self, images, label_size, multiscale=False):
+        x = jnp.asarray(images).astype(jnp.int32)
+        self.sizes.append(tuple(x.shape[1:3]))
+        x = x[:, :: x.shape[1] // label_size[0], :: x.shape[2] // label_size[1]]
+        return jax.nn.one_hot(x[..., 0] // 64 + 4 * (x[..., 1] // 128), K, dtype=jnp.float32)
+
+
+def test_segmenter_size_upsamples_what_the_segmenter_sees(vivid):
+    """`segmenter_size=(128, 192)`: the synthesized and the real images reach the segmenter
+    resized with PIL bicubic, the labels stay at the 64x64 output size; the counts are the
+    hand computation's on PIL's upsampled images."""
+    seg = SubsampleSegmenter()
+    result = evaluate(vivid, compute_fid=False, segmenter=seg, segmenter_size=(128, 192))
+    config = checkpoint.load_config(vivid)
+    real = scenes(config, "validation", 8)
+    fakes = read_pngs(result, real["name"])
+    assert set(seg.sizes) - {(16, 16)} == {(128, 192)}  # (16, 16): the adapter's probe
+
+    def classes(images):
+        up = [np.asarray(Image.fromarray(x).resize((192, 128), Image.BICUBIC)) for x in images]
+        return colour_classes_np(np.stack(up)[:, ::2, ::3])
+
+    conf = segmentation.confusion_matrix(classes(fakes), real["label"], K, DONTCARE)
+    np.testing.assert_array_equal(result["confusion"], conf)
+    conf_real = segmentation.confusion_matrix(classes(real["image"]), real["label"], K, DONTCARE)
+    want = segmentation.segmentation_metrics(conf_real, DONTCARE)["pixel_accuracy"]
+    assert result["real_pixel_accuracy"] == pytest.approx(want, rel=1e-12)

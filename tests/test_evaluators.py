@@ -217,3 +217,39 @@ def test_cityscapes_label_ids_map_to_the_drn_train_ids():
     assert (table[:7] == seg_eval.IGNORED).all() and table[34] == seg_eval.UNKNOWN
     assert sorted(set(table[table >= 0].tolist())) == list(range(19))
     assert protocols.label_mapping("ade20k", "upernet101", 151) is None  # ids are the classes
+
+
+def test_input_size_resizes_for_the_segmenter_on_device_and_on_the_host():
+    """`input_size`: the segmenter sees the images resized with PIL bicubic (16x12 -> 32x24),
+    on device for a traced segmenter and on the host for a staged one, with the same bits; both
+    score at the 16x12 label size (here: every second pixel of the upsampled image)."""
+    from PIL import Image
+
+    def subsample(x):
+        return x[:, ::2, ::2]
+
+    base = colour_segmenter()
+    on_device = seg_eval.DeviceSegmenter(
+        lambda p, x, size: base.scores(p, subsample(x), size), {}, K, "subsampled"
+    )
+    staged = seg_eval.DeviceSegmenter(
+        lambda p, inputs, size: base.scores(p, inputs["x"], size),
+        {},
+        K,
+        "subsampled on the host",
+        lambda images, size: {"x": subsample(np.asarray(images))},
+    )
+    batches, images, labels = make_batches(8, 8, seed=6)
+    up = np.stack(
+        [np.asarray(Image.fromarray(im).resize((24, 32), Image.BICUBIC)) for im in images]
+    )
+    want = segmentation.confusion_matrix(colour_classes_np(subsample(up)), labels, K, DONTCARE)
+    plain = segmentation.confusion_matrix(colour_classes_np(images), labels, K, DONTCARE)
+    assert not np.array_equal(want, plain)  # the resize shows in the counts
+    for seg in (on_device, staged):
+        table = seg_eval.label_table(K, K, dontcare=DONTCARE)
+        ev = seg_eval.SegmentationEvaluator(seg, table, real=False, input_size=(32, 24))
+        common.Runner(common.real_source(), [ev], mesh=common.make_mesh()).run(batches, count=8)
+        np.testing.assert_array_equal(ev.result()["confusion"], want)
+    with pytest.raises(ValueError, match=r"segmenter_size must be positive, got \(0, 24\)"):
+        seg_eval.SegmentationEvaluator(on_device, table, input_size=(0, 24))

@@ -207,10 +207,16 @@ def resolve_segmenter(
 
 
 def segmentation_evaluator(
-    seg: Any, description: str, config: Any, protocol: Any, pixel_accuracy: str | None = None
+    seg: Any,
+    description: str,
+    config: Any,
+    protocol: Any,
+    pixel_accuracy: str | None = None,
+    segmenter_size: Any = None,
 ) -> seg_eval.SegmentationEvaluator:
     """The segmentation evaluator of a segmenter for the run's data and protocol
-    (`pixel_accuracy`: "labeled" | "all", None: the protocol's)."""
+    (`pixel_accuracy`: "labeled" | "all", None: the protocol's; `segmenter_size`: (h, w) the
+    images are resized to for the segmenter, None: the output size)."""
     from clade_jax.evaluation import protocols
 
     data = config.data
@@ -233,6 +239,7 @@ def segmentation_evaluator(
         metric_ignore=dontcare if dontcare is not None and dontcare < k else None,
         what=what,
         pixel_accuracy=pixel_accuracy or (protocol.pixel_accuracy if protocol else "labeled"),
+        input_size=segmenter_size,
     )
 
 
@@ -440,6 +447,7 @@ def build_evaluators(
     compute_fid: bool = True,
     inception: Any = None,
     pixel_accuracy: str | None = None,
+    segmenter_size: Any = None,
 ) -> Evaluators:
     """The evaluators of a run's config (arguments as `evaluate`'s; None: the config's)."""
     eval_cfg = config.get("eval") or {}
@@ -452,7 +460,9 @@ def build_evaluators(
         logging.info("no segmenter (see --segmenter / --segmenter_workdir): skipping mIoU")
     seg_ev = None
     if seg is not None:
-        seg_ev = segmentation_evaluator(seg, seg_name, config, proto, pixel_accuracy)
+        seg_ev = segmentation_evaluator(
+            seg, seg_name, config, proto, pixel_accuracy, segmenter_size
+        )
     return Evaluators(proto, features, seg_ev, seg_name, fid_stats_dir)
 
 
@@ -471,6 +481,7 @@ def evaluate(
     compute_fid: bool = True,
     inception: Any = None,
     pixel_accuracy: str | None = None,
+    segmenter_size: Any = None,
     evaluators: Evaluators | None = None,
     use_ema: bool = True,
     seed: int = 0,
@@ -500,6 +511,9 @@ def evaluate(
         (N, D) (called back from the device); another extractor needs its own `fid_stats_dir`.
       pixel_accuracy: "labeled" | "all": which pixel accuracy is "pixel_accuracy" (both are
         reported); None: the protocol's (`protocols`).
+      segmenter_size: (height, width) the synthesized and the real images are resized to (PIL
+        bicubic) before the segmenter, e.g. (1024, 2048) for Cityscapes (`protocols`: SPADE's
+        image size); the scores are still taken at the label size. None: the output size.
       evaluators: `build_evaluators(...)` built before (then `protocol`, `segmenter*`,
         `fid_stats_dir`, `compute_fid` and `inception` must be left unset): repeated
         evaluations reuse the loaded networks and the compiled programs.
@@ -529,12 +543,13 @@ def evaluate(
             config, protocol=protocol, segmenter_workdir=segmenter_workdir, segmenter=segmenter,
             segmenter_weights=segmenter_weights, fid_stats_dir=fid_stats_dir,
             compute_fid=compute_fid, inception=inception, pixel_accuracy=pixel_accuracy,
+            segmenter_size=segmenter_size,
         )  # fmt: skip
     else:
         given = dict(
             protocol=protocol, segmenter_workdir=segmenter_workdir, segmenter=segmenter,
             segmenter_weights=segmenter_weights, fid_stats_dir=fid_stats_dir, inception=inception,
-            pixel_accuracy=pixel_accuracy,
+            pixel_accuracy=pixel_accuracy, segmenter_size=segmenter_size,
         )  # fmt: skip
         clash = sorted(k for k, v in given.items() if v is not None)
         if clash or not compute_fid:

@@ -32,10 +32,12 @@ Sources:
   What the published answers leave open, and what this protocol does about it:
   - Image size: the question in #39 asks whether the default output sizes (512x256 Cityscapes,
     256x256 the others) were evaluated; #100 reports following #39's answer with the label maps
-    downsampled to the output size, which is what every protocol here does. A different reading
-    (boschresearch/OASIS#18: SPADE's Cityscapes mIoU reproduced by upsampling the generated
-    images to 1024x2048 for DRN and scoring against the full-size labels) needs the original
-    label files and is not offered.
+    downsampled to the output size, which is what every protocol does by default. The other
+    reading (boschresearch/OASIS#18: SPADE's Cityscapes mIoU reproduced by upsampling the
+    generated images to 1024x2048, the size DRN was trained at) is the explicit option
+    `evaluate(segmenter_size=(1024, 2048))` / `--segmenter_size=1024x2048`: the images (and
+    the real ones) are upsampled with PIL bicubic (OASIS#18 does not say how) and the scores
+    are compared with the labels at the output size (the full-size label files are not read).
   - Pixel accuracy: #100 measures 93.5 where the paper reports 81.9 for Cityscapes; the
     explanation given in EndlessSora/TSIT#1 and xh-liu/CC-FPSE#4 is that SPADE's (and CC-FPSE's)
     accuracy counts the pixels without a trainId (255) as errors. So `spade` reports that rule as

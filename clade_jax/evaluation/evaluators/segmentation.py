@@ -251,6 +251,19 @@ def _callback_segmenter(seg: Any, fn: Callable | None = None, description=None) 
     return DeviceSegmenter(scores, {}, k, description or getattr(seg, "description", "callable"))
 
 
+def _check_size(size: Any) -> tuple[int, int] | None:
+    """None, or (h, w) positive ints (the segmenter's input size); anything else is an error."""
+    if size is None:
+        return None
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"segmenter_size must be (height, width), got {size!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"segmenter_size must be positive, got {size!r}")
+    return h, w
+
+
 def label_table(
     num_data_classes: int,
     num_seg_classes: int,
@@ -303,6 +316,10 @@ class SegmentationEvaluator:
         pixel, the ignored ones counted as errors: the reading of SPADE's published Cityscapes
         accuracy, see `protocols`). Both are in the result ("pixel_accuracy_labeled",
         "pixel_accuracy_all").
+      input_size: (h, w): the images (synthesized and real) are resized to it with PIL bicubic
+        (bit-exact on device, `segmenters.resize`) before the segmenter, whose scores are then
+        taken at the label size as always (e.g. (1024, 2048): Cityscapes outputs upsampled to
+        the size DRN was trained at, see `protocols`); None: the images as they are.
     """
 
     def __init__(
@@ -315,6 +332,7 @@ class SegmentationEvaluator:
         what: str = "the data",
         name: str = "segmentation",
         pixel_accuracy: str = "labeled",
+        input_size: tuple[int, int] | None = None,
     ):
         if pixel_accuracy not in ("labeled", "all"):
             raise ValueError(f"pixel_accuracy must be 'labeled' or 'all', not {pixel_accuracy!r}")
@@ -323,8 +341,9 @@ class SegmentationEvaluator:
         self.table = np.asarray(table, np.int32)
         self.metric_ignore = metric_ignore
         self.staged = segmenter.host_inputs is not None
+        self.input_size = _check_size(input_size)
         k = segmenter.num_classes
-        self.program_key = ("segmentation", real, segmenter.program_key, k)
+        self.program_key = ("segmentation", real, segmenter.program_key, k, self.input_size)
         self.conf = np.zeros((k, k), np.int64)
         self.conf_real = np.zeros((k, k), np.int64)
         self.ignored = 0  # pixels of the valid rows whose label is ignored (not in `conf`)
@@ -370,24 +389,41 @@ class SegmentationEvaluator:
         gt = params["table"][batch["label"]]
         return ((gt == IGNORED) & batch["valid"][:, None, None]).sum(dtype=jnp.int32)
 
+    def _resized(self, images: jax.Array) -> jax.Array:
+        if self.input_size is None:
+            return images
+        from clade_jax.evaluation.segmenters.resize import pil_resize_uint8_device
+
+        return pil_resize_uint8_device(images, self.input_size, "bicubic")
+
     def device_fn(self, params, images, batch) -> dict:
         size = tuple(batch["label"].shape[1:3])
-        out = {"fake": self._counts(params, self.seg.scores(params["seg"], images, size), batch)}
+        scores = self.seg.scores(params["seg"], self._resized(images), size)
+        out = {"fake": self._counts(params, scores, batch)}
         out["ignored"] = self._ignored(params, batch)
         if self.real:
             from clade_jax.evaluation.evaluators.common import float_to_uint8
 
-            real = self.seg.scores(params["seg"], float_to_uint8(batch["image"]), size)
+            real_images = self._resized(float_to_uint8(batch["image"]))
+            real = self.seg.scores(params["seg"], real_images, size)
             out["real"] = self._counts(params, real, batch)
         return out
 
     # Host-prepared inputs (segmenters whose official protocol resizes with PIL).
     def host_stage(self, images: np.ndarray, local: dict) -> dict:
         size = tuple(np.asarray(local["label"]).shape[1:3])
-        out = {f"fake/{k}": v for k, v in self.seg.host_inputs(images, size).items()}
+
+        def prepare(x: np.ndarray) -> dict:
+            if self.input_size is not None:
+                from clade_jax.evaluation.segmenters.resize import pil_resize_uint8
+
+                x = pil_resize_uint8(np.asarray(x), self.input_size, "bicubic")
+            return self.seg.host_inputs(x, size)
+
+        out = {f"fake/{k}": v for k, v in prepare(images).items()}
         if self.real:
             real = segmentation.images_to_uint8(local["image"])
-            out.update({f"real/{k}": v for k, v in self.seg.host_inputs(real, size).items()})
+            out.update({f"real/{k}": v for k, v in prepare(real).items()})
         return out
 
     def staged_fn(self, params, inputs, batch) -> dict:
