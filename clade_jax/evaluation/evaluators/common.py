@@ -167,25 +167,40 @@ def clear_programs() -> None:
     _PROGRAMS.clear()
 
 
-def _build_programs(source: ImageSource, direct: list, staged: list, mesh: Mesh):
-    """The jit-compiled per-batch function of a pass (and each staged evaluator's)."""
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
-    source_fn = source.fn
+class _Programs:
+    """The compiled functions of one program key. They reach the source and the evaluators
+    through `current` (set by each Runner that uses them), so a cached program does not keep
+    an earlier pass's objects (and their networks' weights) alive; a retrace (another batch
+    shape) uses the current ones, which have the same key, so the same program."""
 
-    def evaluation_step(params, batch):
-        images, bad = source_fn(params["source"], batch)
-        valid = batch["valid"]
-        out = {
-            "valid": valid,
-            "bad": bad & valid,
-            "evals": {ev.name: ev.device_fn(params[ev.name], images, batch) for ev in direct},
-        }
-        return out, images
+    def __init__(self, mesh: Mesh, staged_names: Sequence[str]):
+        replicated = NamedSharding(mesh, P())
+        batch_sharding = NamedSharding(mesh, P("data"))
+        self.current: dict[str, Any] = {}
+        current = self.current
 
-    step = jax.jit(evaluation_step, out_shardings=(replicated, batch_sharding))
-    staged_fns = {ev.name: jax.jit(ev.staged_fn, out_shardings=replicated) for ev in staged}
-    return step, staged_fns
+        def evaluation_step(params, batch):
+            images, bad = current["source"].fn(params["source"], batch)
+            valid = batch["valid"]
+            evals = {
+                ev.name: ev.device_fn(params[ev.name], images, batch) for ev in current["direct"]
+            }
+            return {"valid": valid, "bad": bad & valid, "evals": evals}, images
+
+        def staged(name: str) -> Callable:
+            def staged_step(params, inputs, batch):
+                return current["staged"][name].staged_fn(params, inputs, batch)
+
+            return jax.jit(staged_step, out_shardings=replicated)
+
+        self.step = jax.jit(evaluation_step, out_shardings=(replicated, batch_sharding))
+        self.staged_fns = {name: staged(name) for name in staged_names}
+
+    def use(self, source: ImageSource, direct: list, staged: list) -> None:
+        self.current.update(source=source, direct=direct, staged={ev.name: ev for ev in staged})
+
+    def release(self) -> None:
+        self.current.clear()
 
 
 def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -248,11 +263,11 @@ class Runner:
         )
         programs = _PROGRAMS.pop(self.program_key, None)
         if programs is None:
-            programs = _build_programs(source, self._direct, self._staged, self.mesh)
+            programs = _Programs(self.mesh, [ev.name for ev in self._staged])
         _PROGRAMS[self.program_key] = programs  # the most recent last
         while len(_PROGRAMS) > MAX_PROGRAMS:
             _PROGRAMS.popitem(last=False)
-        self._step, self._staged_fns = programs
+        self._programs = programs
 
     def run(
         self,
@@ -281,11 +296,15 @@ class Runner:
         for ev in self.evaluators:  # evaluators handed in again start from zero
             if hasattr(ev, "reset"):
                 ev.reset()
-        with runtime.Progress(
-            count, what, unit="image", every_s=progress_every_s, logger=log
-        ) as progress:
-            seen = self._loop(batches, count, on_images, progress)
-            progress.log(seen)  # the closing line: count and rate
+        self._programs.use(self.source, self._direct, self._staged)
+        try:
+            with runtime.Progress(
+                count, what, unit="image", every_s=progress_every_s, logger=log
+            ) as progress:
+                seen = self._loop(batches, count, on_images, progress)
+                progress.log(seen)  # the closing line: count and rate
+        finally:
+            self._programs.release()
         if seen != count:
             raise RuntimeError(f"evaluated {seen} {what}, expected {count}")
         return seen
@@ -302,7 +321,7 @@ class Runner:
                 if hasattr(ev, "check_batch"):  # e.g. labels outside the segmenter's classes
                     ev.check_batch(local)
             batch = shard_batch(local, self.batch_sharding)
-            out, images = self._step(self.params, batch)
+            out, images = self._programs.step(self.params, batch)
             if self._staged or (self.return_images and on_images is not None):
                 local_images = _local(images, self.mesh)
             for ev in self._staged:
@@ -310,7 +329,7 @@ class Runner:
                     k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                     for k, v in ev.host_stage(local_images, local).items()
                 }
-                out["evals"][ev.name] = self._staged_fns[ev.name](
+                out["evals"][ev.name] = self._programs.staged_fns[ev.name](
                     self.params[ev.name], inputs, batch
                 )
             out = jax.device_get(out)
