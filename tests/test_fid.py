@@ -142,7 +142,9 @@ def test_prepare_inception_is_idempotent(tmp_path, monkeypatch):
     assert weights.prepare_inception() == tmp_path / weights.INCEPTION_FILENAME
 
 
-def test_cached_statistics(tmp_path):
+def test_cached_statistics(tmp_path, caplog):
+    import logging
+
     calls = []
 
     def batches():
@@ -156,11 +158,15 @@ def test_cached_statistics(tmp_path):
         return images.astype(np.float32).mean(axis=(1, 2))
 
     stem = tmp_path / "stats" / "val"
-    mu, sigma = fid.cached_statistics(
-        stem, batches, count=10, resolution=(8, 6), extractor=extractor
-    )
+    with caplog.at_level(logging.INFO, logger="clade_jax.evaluation"):
+        mu, sigma = fid.cached_statistics(
+            stem, batches, count=10, resolution=(8, 6), extractor=extractor
+        )
     path = tmp_path / "stats" / "val_n10_8x6.npz"
     assert path.is_file() and len(calls) == 1
+    # Off a terminal (pytest captures the output): the closing progress line with the count.
+    lines = [r.getMessage() for r in caplog.records if r.name == "clade_jax.evaluation"]
+    assert any(x.startswith("FID reference statistics 10/10 | ") for x in lines), lines
     all_images = np.concatenate(list(batches()))[:10]
     calls.pop()
     want_mu, want_sigma = fid.statistics(extractor(all_images))

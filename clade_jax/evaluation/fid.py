@@ -23,6 +23,7 @@ FID values.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -469,16 +470,23 @@ def cached_statistics(
             if int(z["count"]) == count and tuple(z["resolution"]) == tuple(resolution):
                 return z["mu"], z["sigma"]
         raise ValueError(f"{path}: cached statistics do not match count/resolution; delete it")
+    from clade_jax.training.runtime import Progress
+
     extractor = extractor or InceptionFeatures()
     feats, seen = [], 0
-    for batch in batches():
-        if tuple(batch.shape[1:3]) != tuple(resolution):
-            raise ValueError(f"batch of size {batch.shape[1:3]} but resolution is {resolution}")
-        batch = batch[: count - seen]
-        feats.append(extractor(batch))
-        seen += batch.shape[0]
-        if seen >= count:
-            break
+    log = logging.getLogger("clade_jax.evaluation")
+    # A bar with rate and ETA on a terminal, plain lines (every 10 s and at the end) otherwise.
+    with Progress(count, "FID reference statistics", unit="image", every_s=10.0, logger=log) as p:
+        for batch in batches():
+            if tuple(batch.shape[1:3]) != tuple(resolution):
+                raise ValueError(f"batch of size {batch.shape[1:3]} but resolution is {resolution}")
+            batch = batch[: count - seen]
+            feats.append(extractor(batch))
+            seen += batch.shape[0]
+            p.update(batch.shape[0])
+            if seen >= count:
+                break
+        p.log(seen)
     if seen < count:
         raise ValueError(f"{stem}: the image source gave {seen} images, {count} were requested")
     mu, sigma = statistics(np.concatenate(feats))
