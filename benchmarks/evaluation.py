@@ -15,7 +15,9 @@
 * "after": this checkout, on 1 host device and on 8 (`--xla_force_host_platform_device_count`).
 * Each configuration runs in its own process: a warm-up evaluate() of N images, then N and 2N;
   images/s is N / (t(2N) - t(N)), so compilation and set-up cancel. Peak host memory (max RSS)
-  after the N and the 2N call: flat memory means the two agree.
+  after the N and the 2N call: flat memory means the two agree. Programs lowered per call (each
+  a trace + lowering + compilation or persistent-cache read; `jax.monitoring`): the new code's
+  timed calls should lower none beyond what a new image count changes.
 
 Appends a dated block to benchmarks/RESULTS.md (not with `--no_append` or `--quick`: `--quick`
 is a check that the benchmark runs, 8 images at batch 8, not a measurement). Timing needs a quiet
@@ -68,17 +70,25 @@ if {old}:  # the old evaluate writes with clu's TensorFlow writer: stub it
     sys.modules["clu.metric_writers"] = stub
     import clu
     clu.metric_writers = stub
+import jax
 from clade_jax.evaluation.evaluate import evaluate
 from clade_jax.evaluation.segmenter import NNXSegmenter, SegmenterNet, init_rngs
+lowered = []  # programs traced and lowered (then compiled or read from the persistent cache)
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _, **kw: lowered.append(1)
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None
+)
 seg = NNXSegmenter(SegmenterNet(10, widths=(16, 32, 64), depth=1, rngs=init_rngs(0)))
-times, rss = [], []
+times, rss, programs = [], [], []
 for n in ({images}, {images}, 2 * {images}):  # warm-up (compiles), then N and 2N images
     t = time.perf_counter()
     evaluate({workdir!r}, max_images=n, batch_size={batch}, segmenter=seg,
              fid_stats_dir=tempfile.mkdtemp())
     times.append(time.perf_counter() - t)
     rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-print("RESULT", json.dumps({{"times": times, "rss_mb": rss}}))
+    programs.append(len(lowered))
+    lowered.clear()
+print("RESULT", json.dumps({{"times": times, "rss_mb": rss, "programs": programs}}))
 """
 
 
@@ -103,8 +113,9 @@ def run(code: str, *, cwd: str, devices: int) -> dict:
         "PYTHONPATH": cwd,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
-        # Both versions compile once per evaluate() call; the persistent cache makes the timed
-        # calls load the warm-up's executables, as repeated evaluations do in practice.
+        # The old evaluate() compiles at every call, the new one once per process (its programs
+        # are cached in memory); the persistent cache makes the old code's timed calls load the
+        # warm-up's executables, as its repeated evaluations did in practice.
         "JAX_COMPILATION_CACHE_DIR": os.path.join(WORK, "xla_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
@@ -173,14 +184,14 @@ def main() -> None:
         ),
         "",
         f"| configuration | s, {n} images | s, {2 * n} images | images/s | vs before "
-        f"| peak RSS MB ({n} / {2 * n}) |",
-        "|---|---|---|---|---|---|",
+        f"| peak RSS MB ({n} / {2 * n}) | programs lowered (warm-up / {n} / {2 * n}) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         t, m = r["times"], r["rss_mb"]
         lines.append(
             f"| {name} | {t[1]:.1f} | {t[2]:.1f} | {rate(r):.2f} | {rate(r) / base:.2f}x | "
-            f"{m[1]:.0f} / {m[2]:.0f} |"
+            f"{m[1]:.0f} / {m[2]:.0f} | {' / '.join(str(c) for c in r['programs'])} |"
         )
     block = "\n".join(lines) + "\n"
     print(block)
