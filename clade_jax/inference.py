@@ -84,6 +84,7 @@ class InferenceModel:
         # A copy with spectral norm folded (W / sigma once, not per call).
         g_def, self._g_state = nnx.split(fold_spectral_norm(generator))
         e_def, self._e_state = nnx.split(encoder) if encoder is not None else (None, None)
+        self._graphdefs = (g_def, e_def)  # the program's structure (evaluation's cache key)
         z_dim = self.z_dim
 
         def run(g_state, e_state, labels, instance, icpe, style, keys):
