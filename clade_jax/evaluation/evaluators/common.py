@@ -66,18 +66,19 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
-    """Generator output in [-1, 1] -> uint8 on device, as `clade_jax.inference.to_uint8`
-    (the official `tensor2im`: `clip((x + 1) / 2 * 255, 0, 255)` truncated)."""
-    x = (images.astype(jnp.float32) + 1.0) / 2.0 * 255.0
-    return jnp.clip(x, 0.0, 255.0).astype(jnp.uint8)
+    """Generator output in [-1, 1] -> uint8 on device: `clade_jax.inference.to_uint8`'s rule
+    (the official `tensor2im`, truncated), the same bytes as the saved PNGs."""
+    from clade_jax.inference import to_uint8_device
+
+    return to_uint8_device(images, "truncate")
 
 
 def float_to_uint8(images: jax.Array) -> jax.Array:
     """The pipeline's float images (x / 127.5 - 1 of uint8) back to their uint8 values, on device
-    (`segmentation.images_to_uint8`: rounded, clipped); uint8 input passes through."""
-    if images.dtype == jnp.uint8:
-        return images
-    return jnp.clip(jnp.rint((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+    (`inference.to_uint8(..., "nearest")`, as `segmentation.images_to_uint8`); uint8 passes."""
+    from clade_jax.inference import to_uint8_device
+
+    return to_uint8_device(images, "nearest")
 
 
 def program_key(obj: Any) -> Hashable:
