@@ -478,6 +478,9 @@ def test_periodic_evaluation_reuses_its_evaluators_and_the_compiled_program(
     assert results[1]["fid"] == pytest.approx(features_fid(fakes[1], real["image"]), rel=1e-6)
     conf = segmentation.confusion_matrix(colour_classes_np(fakes[1]), real["label"], K, DONTCARE)
     np.testing.assert_array_equal(results[1]["confusion"], conf)
+    # Built evaluators already fix the protocol and the networks: a clash is an error naming it.
+    with pytest.raises(ValueError, match=r"already fixes \['protocol'\]: pass them to build_"):
+        real_evaluate(workdir, step=1, evaluators=first, protocol="spade")
 
 
 def test_evaluation_prints_progress_lines_off_a_terminal(vivid, tmp_path, caplog):
@@ -536,3 +539,5 @@ def test_segmenter_size_upsamples_what_the_segmenter_sees(vivid):
     conf_real = segmentation.confusion_matrix(classes(real["image"]), real["label"], K, DONTCARE)
     want = segmentation.segmentation_metrics(conf_real, DONTCARE)["pixel_accuracy"]
     assert result["real_pixel_accuracy"] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match=r"segmenter_size must be \(height, width\), got 1024"):
+        evaluate(vivid, compute_fid=False, segmenter=seg, segmenter_size=1024)
