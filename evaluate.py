@@ -7,6 +7,9 @@
         --segmenter_weights=/weights/drn-d-105_ms_cityscapes.pth
     python evaluate.py --workdir=/runs/ade20k --protocol=spade --segmenter=upernet101 \
         --segmenter_weights=/weights/ade20k-resnet101-upernet/
+    python evaluate.py --workdir=/runs/cityscapes --protocol=spade \
+        --segmenter_weights=/weights/drn-d-105_ms_cityscapes.pth --segmenter_size=1024x2048 \
+        --pixel_accuracy=labeled   # the readings the published answers leave open (README)
     python evaluate.py --workdir=... --coordinator_address=host0:1234 --num_processes=2 \
         --process_id=0     # every process evaluates its shard (or --distributed on a pod)
 
