@@ -12,8 +12,11 @@ leaves in the losses are blown up to a full learning-rate step by Adam's first u
 (~lr * sign(g)) on the biases that feed a BatchNorm, whose exact gradient is 0 (their gradient is
 pure rounding noise), and then spread to the BatchNorm running means and the other weights.
 
-The persistent compilation cache (tests/conftest.py sets JAX_COMPILATION_CACHE_DIR, which the
-processes inherit) lets the two test files share their compilations.
+The 1-process run goes in a third process (`start_one_process_run`): XLA:CPU's convolutions
+round differently in a process with another device count (pytest's 8). All three processes run
+Eigen single-threaded (`XLA_FLAGS`). The persistent compilation cache (tests/conftest.py sets
+JAX_COMPILATION_CACHE_DIR, which the processes inherit) serves both test files and, through
+`_train_main`, process 1 as well as process 0: with a warm cache each test file takes ~45 s.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def free_port() -> int:
 
 def launch(workdir: Path, **overrides) -> list[subprocess.Popen]:
     """Start `train.py` as processes 0 and 1 of a 2-process run in `workdir` (stdout and stderr
-    together, line-buffered); `overrides` are config keys (dotted, e.g. num_train_steps=2)."""
+    together, line-buffered); `overrides` are config keys (dotted, e.g. num_train_steps=2).
+    `train.py` runs unchanged, through `_train_main` (the compilation cache for process 1)."""
     port = free_port()
     env = {
         **os.environ,
@@ -79,7 +83,8 @@ def launch(workdir: Path, **overrides) -> list[subprocess.Popen]:
             [
                 sys.executable,
                 "-u",
-                str(REPO / "train.py"),
+                __file__,
+                "train",
                 CONFIG,
                 *flags,
                 f"--workdir={workdir}",
@@ -236,5 +241,36 @@ def differences(expected: dict, got: dict) -> list[str]:
     return [r for _, r in sorted(rows, reverse=True)]
 
 
+def _train_main(argv: list[str]) -> None:
+    """`python train.py ARGV` in this process, with every process writing its compilations to the
+    persistent cache. JAX writes only process 0's (`jax._src.compiler._cache_write`), and a
+    process's cache key includes its own view of the topology, so process 1 would otherwise
+    compile everything again in every test (~70 s of the ~100 s a launch took). Reaches into a
+    private JAX function: if that is gone, the processes just compile."""
+    import runpy
+
+    try:
+        from jax._src import compiler, distributed
+
+        write = compiler._cache_write
+
+        def write_from_any_process(*args, **kwargs):
+            real = distributed.global_state.process_id
+            distributed.global_state.process_id = 0
+            try:
+                return write(*args, **kwargs)
+            finally:
+                distributed.global_state.process_id = real
+
+        compiler._cache_write = write_from_any_process
+    except (ImportError, AttributeError):
+        pass
+    sys.argv = [str(REPO / "train.py"), *argv]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
 if __name__ == "__main__":
-    _one_process_main(*sys.argv[1:])
+    if sys.argv[1] == "train":
+        _train_main(sys.argv[2:])
+    else:
+        _one_process_main(*sys.argv[1:])
