@@ -34,10 +34,10 @@ from flax import nnx
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES_PER_PROCESS = 1
-# Single-threaded Eigen kernels (convolutions, matmuls) in every process: with the intra-op
-# thread pool, how a convolution's reduction is split (and so its rounding) followed the load of
-# the machine (measured: one 2-process run in four went apart from the 1-process run at step 1
-# while the two cores were overloaded, the same run matched bitwise when rerun).
+# Single-threaded Eigen kernels (convolutions, matmuls) in every process, so that no thread pool
+# can decide how a reduction is split (and so how it rounds). Seen with the multi-threaded pool:
+# one run in five, with the two cores overloaded (load ~9), went apart from the 1-process run from
+# the first update on; the identical rerun matched bitwise. Not reproduced single-threaded.
 XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count="
 
 # The tiny synthetic config with a smaller discriminator: these tests are about the processes,
