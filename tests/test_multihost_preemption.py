@@ -31,7 +31,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     workdir = tmp_path / "preempted"
     procs = mp.launch(workdir, num_train_steps=100000, **RUN)
     lines = []
-    deadline = time.time() + 240
+    deadline = time.time() + 420  # a cold compilation cache: ~4 min
     try:
         for line in procs[0].stdout:  # process 0 prints the step lines
             lines.append(line)
@@ -61,7 +61,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     straight = tmp_path / "straight"
     procs = mp.launch(workdir, num_train_steps=end, **RUN)
     procs.append(mp.start_one_process_run(straight, num_train_steps=end, **RUN))
-    out = mp.finish(procs, timeout=240)
+    out = mp.finish(procs, timeout=300)
     assert f"resumed {workdir} at step {step}" in out[0]
     assert mp.steps(workdir)[-1] == end
     expected = mp.restored(straight, end)
