@@ -78,23 +78,31 @@ def test_taps_weight_grad_in_bfloat16():
     assert float(jnp.max(jnp.abs(dw.astype(jnp.float32)))) > 0.1  # not a zero gradient
 
 
-def _uses_taps(fn, *args) -> bool:
-    return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
+def _uses_taps(monkeypatch, fn, *args) -> bool:
+    """Whether differentiating `fn` forms a weight gradient with `taps_weight_grad`."""
+    calls = []
+    original = conv_lib.taps_weight_grad
+    with monkeypatch.context() as m:
+        m.setattr(conv_lib, "taps_weight_grad", lambda *a: calls.append(1) or original(*a))
+        jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(fn(x, w)), argnums=1))(*args)
+    return bool(calls)
 
 
 def test_auto_takes_the_taps_path_only_on_cpu_and_only_where_it_wins(monkeypatch):
     wide = (jnp.zeros((2, 17, 17, 256)), jnp.zeros((4, 4, 256, 512)))
     conv = lambda s: lambda x, w: conv_lib.conv2d(x, w, stride=s, padding=2)
     assert jax.default_backend() == "cpu"
-    assert _uses_taps(conv(1), *wide)
-    assert not _uses_taps(conv(2), *wide)  # stride 2: XLA's own
+    assert _uses_taps(monkeypatch, conv(1), *wide)
+    assert not _uses_taps(monkeypatch, conv(2), *wide)  # stride 2: XLA's own
     narrow = (jnp.zeros((2, 17, 17, 64)), jnp.zeros((4, 4, 64, 128)))
-    assert not _uses_taps(conv(1), *narrow)
+    assert not _uses_taps(monkeypatch, conv(1), *narrow)
     big_grid = (jnp.zeros((1, 64, 64, 256)), jnp.zeros((3, 3, 256, 512)))
-    assert not _uses_taps(conv(1), *big_grid)
-    assert _uses_taps(lambda x, w: conv_lib.conv2d(x, w, padding=2, weight_grad="taps"), *narrow)
+    assert not _uses_taps(monkeypatch, conv(1), *big_grid)
+    assert _uses_taps(
+        monkeypatch, lambda x, w: conv_lib.conv2d(x, w, padding=2, weight_grad="taps"), *narrow
+    )
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not _uses_taps(conv(1), *wide)  # the ordinary path on GPU / TPU
+    assert not _uses_taps(monkeypatch, conv(1), *wide)  # the ordinary path on GPU / TPU
     with pytest.raises(ValueError, match="weight_grad"):
         conv_lib.conv2d(*narrow, weight_grad="fast")
 
@@ -105,9 +113,11 @@ def test_discriminator_gradients_equal_with_and_without_the_fast_path(monkeypatc
     labels = jnp.asarray(rng.integers(0, 5, (2, 40, 40)), jnp.int32)
     image = jnp.asarray(rng.uniform(-1, 1, (2, 40, 40, 3)), jnp.float32)
     taps_calls = []
-    original = conv_lib._conv_taps_grad  # noqa: SLF001
+    original = conv_lib.taps_weight_grad
     monkeypatch.setattr(
-        conv_lib, "_conv_taps_grad", lambda *a: taps_calls.append(a[1].shape) or original(*a)
+        conv_lib,
+        "taps_weight_grad",
+        lambda x, g, *a: taps_calls.append((a[0], x.shape[-1], g.shape[-1])) or original(x, g, *a),
     )
 
     def loss(model):
@@ -119,9 +129,9 @@ def test_discriminator_gradients_equal_with_and_without_the_fast_path(monkeypatc
         return nnx.to_flat_state(nnx.grad(loss)(d))
 
     fast = grads()
-    assert taps_calls == [(4, 4, 256, 512)] * 2  # one per scale
-    monkeypatch.setattr(conv_lib, "taps_weight_grad_wins", lambda *a: False)
-    plain = grads()
+    assert taps_calls == [(4, 256, 512)] * 2  # one per scale
+    with conv_lib.plain_formulation():  # XLA's own autodiff of every convolution
+        plain = grads()
     assert len(taps_calls) == 2
     assert len(fast) == len(plain) > 0
     for (path, a), (_, b) in zip(fast, plain, strict=True):
@@ -169,17 +179,34 @@ def test_onehot_auto_is_the_plain_convolution_off_cpu(monkeypatch):
         conv_lib.onehot_conv(labels, w, method="fast")
 
 
-def test_plain_formulation_turns_both_fast_paths_off():
+def test_plain_formulation_turns_both_fast_paths_off(monkeypatch):
     labels = jnp.zeros((1, 4, 4), jnp.int32)
     w = jnp.ones((3, 3, 5, 2))
     wide = (jnp.zeros((2, 17, 17, 256)), jnp.zeros((4, 4, 256, 512)))
     onehot = lambda w_: conv_lib.onehot_conv(labels, w_, padding=1)
     with conv_lib.plain_formulation():
         assert "gather" not in str(jax.make_jaxpr(onehot)(w))
-        assert not _uses_taps(lambda x, k: conv_lib.conv2d(x, k, padding=2), *wide)
+        assert not _uses_taps(monkeypatch, lambda x, k: conv_lib.conv2d(x, k, padding=2), *wide)
+        plain = jax.make_jaxpr(lambda x, k: conv_lib.conv2d(x, k, padding=2))(*wide)
+        assert "custom_vjp_call" not in str(plain)  # nor the late-kernel backward
     # restored on exit (fresh functions: jax caches the traces of the ones above)
     assert "gather" in str(jax.make_jaxpr(lambda w_: conv_lib.onehot_conv(labels, w_))(w))
-    assert _uses_taps(lambda x, k: conv_lib.conv2d(x, k, padding=2, stride=1), *wide)
+    assert _uses_taps(monkeypatch, lambda x, k: conv_lib.conv2d(x, k, padding=2, stride=1), *wide)
+    narrow = jax.make_jaxpr(lambda x, k: conv_lib.conv2d(x, k, stride=2))(*wide)
+    assert "custom_vjp_call" in str(narrow)  # every CPU conv: the late-kernel backward
+
+
+def test_after_keeps_the_values_and_adds_a_dependency():
+    """`after(v, a)` is v exactly (signed zeros aside) and depends on a; NaN if a[0] is not
+    finite, as its docstring says."""
+    v = jnp.asarray([1.5, -2.0, 3e38, -1e-30], jnp.float32)
+    a = jnp.asarray([[-7.0, jnp.nan]], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(conv_lib.after(v, a)), np.asarray(v))
+    assert "mul" in str(jax.make_jaxpr(conv_lib.after)(v, a))
+    assert np.all(np.isnan(np.asarray(conv_lib.after(v, jnp.asarray([jnp.inf])))))
+    # the compiled program keeps the dependency (XLA does not fold 0 * a for floats)
+    hlo = jax.jit(conv_lib.after).lower(v, a).compile().as_text()
+    assert "multiply" in hlo
 
 
 @pytest.mark.parametrize("spectral", [False, True])
@@ -241,3 +268,36 @@ def test_pooled_onehot_equals_the_pooled_one_hot_bitwise(h, w):
     got = np.asarray(pooled_onehot(labels, 5))
     np.testing.assert_array_equal(got, ref)
     assert np.isnan(got[1]).any() and not np.isnan(got[0]).any()
+
+
+@pytest.mark.parametrize("icpe", [False, True])
+def test_clade_late_gathers_give_autodiffs_gradients(icpe):
+    """CLADE's CPU backward (tables gathered anew once the output gradient exists) has the
+    gradients of plain autodiff: for the input, both class tables and the ICPE convs."""
+    from clade_jax.layers.clade import CLADE
+
+    rng = np.random.default_rng(5)
+    layer = CLADE(6, 4, "batch", icpe=icpe, rngs=nnx.Rngs(3))
+    layer.class_affine.shift.set_value(jnp.asarray(rng.standard_normal((4, 6)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 6)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, (2, 5, 7)), jnp.int32)
+    p = jnp.asarray(rng.uniform(-1, 1, (2, 5, 7, 2)), jnp.float32) if icpe else None
+    g = jnp.asarray(rng.standard_normal((2, 5, 7, 6)), jnp.float32)
+
+    def grads():
+        def loss(m, x_):
+            return jnp.sum(m(x_, labels, icpe=p) * g)
+
+        return nnx.grad(loss, argnums=(0, 1))(nnx.clone(layer), x)
+
+    forward = jax.make_jaxpr(lambda x_: nnx.clone(layer)(x_, labels, icpe=p))(x)
+    assert "custom_vjp_call" in str(forward)  # the CPU formulation is the one tested
+    dm_fast, dx_fast = grads()
+    with conv_lib.plain_formulation():
+        dm_plain, dx_plain = grads()
+    assert _rel(dx_fast, dx_plain) < 1e-6
+    fast, plain = nnx.to_flat_state(dm_fast), nnx.to_flat_state(dm_plain)
+    assert len(fast) == len(plain) >= (6 if icpe else 2)
+    for (path, a), (_, b) in zip(fast, plain, strict=True):
+        assert float(jnp.max(jnp.abs(b[...]))) > 0, path  # every parameter gets a gradient
+        assert _rel(a[...], b[...]) < 1e-6, path

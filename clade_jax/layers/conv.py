@@ -34,6 +34,18 @@ on the CPU backend and only for the shapes where it measured faster (`taps_weigh
 on GPU / TPU every convolution is the plain `lax.conv_general_dilated` and its ordinary
 autodiff. `"xla"` and `"taps"` force one or the other (tests check both give the same gradients).
 
+Memory on XLA:CPU. The input gradient of a convolution needs the kernel reversed and transposed;
+XLA:CPU forms those copies as soon as the parameters exist, at the start of the step, and holds
+all of them until the backward pass reaches their layer (389 MB of the full-size CLADE step's
+1.23 GB of temporaries at batch 1: `compiled.memory_analysis()`, buffer assignment read from
+`--xla_dump_to`). On CPU every `conv2d` with `weight_grad="auto"` therefore goes through the
+same `custom_vjp`, whose backward ties the kernel to the output gradient first (`after`), so each
+copy is made when its layer's gradient arrives and freed after; the weight gradient is XLA's own
+or the taps one, as above. `onehot_conv`'s gather loop and CLADE's backward
+(`clade._modulate_late_gathers`) avoid the same early-and-held pattern for gathered rows; with
+all three the step's temporaries are 0.78 GB and the process's peak 2.40 GB (was 2.92;
+benchmarks/training.py).
+
 Convolutions of a one-hot label map (`onehot_conv`, `Conv2d(x, labels=...)`): SPADE's shared
 modulation conv, the discriminator's first layer and the generators' label-map input convs see
 `one_hot(labels)` (151-183 channels, all but one zero per pixel). On CPU these are computed as
@@ -85,7 +97,8 @@ def plain_formulation():
         _PLAIN[0] = before
 
 
-def _cpu_fast_path() -> bool:
+def cpu_fast_path() -> bool:
+    """Whether the CPU-only formulations apply (CPU backend, outside `plain_formulation`)."""
     return not _PLAIN[0] and jax.default_backend() == "cpu"
 
 
@@ -122,24 +135,46 @@ def taps_weight_grad(
     return dw.reshape(k, k, c, o).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_taps_grad(x, w, stride, padding):
+def after(value: jnp.ndarray, anchor: jnp.ndarray) -> jnp.ndarray:
+    """`value`, computed only once `anchor` is: the same numbers, with a data dependency.
+
+    XLA's scheduler may run work that depends only on parameters (a kernel's transposed copy for
+    the input gradient, rows gathered from a table) at the start of the program and keep the
+    result alive until the backward pass uses it; on XLA:CPU `optimization_barrier` does not
+    stop this. Adding `0 * anchor[0]` (which XLA does not fold for floats) ties the value to the
+    backward's cotangent, so it is formed when needed and freed after. If that one element is
+    not finite the result is NaN, as a gradient computed from a non-finite cotangent is anyway.
+    """
+    zero = jnp.zeros((), value.dtype) * anchor.reshape(-1)[0].astype(value.dtype)
+    return value + zero
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_cpu(x, w, stride, padding, taps):
     return _plain_conv(x, w, stride, padding)
 
 
-def _conv_taps_fwd(x, w, stride, padding):
+def _conv_cpu_fwd(x, w, stride, padding, taps):
     return _plain_conv(x, w, stride, padding), (x, w)
 
 
-def _conv_taps_bwd(stride, padding, residuals, g):
+def _conv_cpu_bwd(stride, padding, taps, residuals, g):
     x, w = residuals
-    _, input_vjp = jax.vjp(lambda x_: _plain_conv(x_, w, stride, padding), x)
+    # The kernel enters the input gradient only once g exists (`after`): XLA:CPU otherwise
+    # forms every layer's transposed kernel at the start of the step and holds them all (389 MB
+    # of the full-size CLADE step's 1.23 GB of temporaries, batch 1).
+    w_late = after(w, g)
+    _, input_vjp = jax.vjp(lambda x_: _plain_conv(x_, w_late, stride, padding), x)
     (dx,) = input_vjp(g)
-    dw = taps_weight_grad(x, g, w.shape[0], stride, padding).astype(w.dtype)
+    if taps:
+        dw = taps_weight_grad(x, g, w.shape[0], stride, padding).astype(w.dtype)
+    else:
+        _, weight_vjp = jax.vjp(lambda w_: _plain_conv(x, w_, stride, padding), w)
+        (dw,) = weight_vjp(g)
     return dx, dw
 
 
-_conv_taps_grad.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+_conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
 
 
 def taps_weight_grad_wins(x_shape, w_shape, stride: int) -> bool:
@@ -169,11 +204,10 @@ def conv2d(
     """
     if weight_grad not in WEIGHT_GRAD_MODES:
         raise ValueError(f"weight_grad must be one of {WEIGHT_GRAD_MODES}, got {weight_grad!r}")
-    if weight_grad == "auto":
-        fast = _cpu_fast_path() and taps_weight_grad_wins(x.shape, w.shape, stride)
-        weight_grad = "taps" if fast else "xla"
     if weight_grad == "taps":
-        return _conv_taps_grad(x, w, stride, padding)
+        return _conv_cpu(x, w, stride, padding, True)
+    if weight_grad == "auto" and cpu_fast_path():
+        return _conv_cpu(x, w, stride, padding, taps_weight_grad_wins(x.shape, w.shape, stride))
     return _plain_conv(x, w, stride, padding)
 
 
@@ -217,7 +251,7 @@ def onehot_conv(
     k, _, num, o = w.shape
     bad = (labels < 0) | (labels >= num)
     if method == "auto":
-        method = "gather" if _cpu_fast_path() else "conv"
+        method = "gather" if cpu_fast_path() else "conv"
     if method == "conv":
         x = jax.nn.one_hot(labels, num, dtype=w.dtype)
         if invalid == "nan":
@@ -231,14 +265,21 @@ def onehot_conv(
     p, s = padding, stride
     idx = jnp.pad(idx, ((0, 0), (p, p), (p, p)), constant_values=num)
     ho, wo = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
-    y = None
-    for i in range(k):
-        for j in range(k):
-            tap = jax.lax.slice(
+    taps = jnp.stack(
+        [
+            jax.lax.slice(
                 idx, (0, i, j), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1), (1, s, s)
             )
-            rows = table[i, j][tap]  # (N, H', W', O)
-            y = rows if y is None else y + rows
+            for i in range(k)
+            for j in range(k)
+        ]
+    )  # (k*k, N, H', W') int
+    rows = table.reshape(k * k, num + 2, o)
+    # A loop over the taps, summed in tap order: unrolled, XLA:CPU gathers all k*k
+    # (N, H', W', O) row sets up front and keeps them until one fused sum (139 MB for the
+    # discriminator's first layer at 256x256, batch 1, inside the training step).
+    body = lambda y, tap: (y + rows[tap[0]][tap[1]], None)
+    y, _ = jax.lax.scan(body, rows[0][taps[0]], (jnp.arange(1, k * k), taps[1:]))
     return y
 
 
