@@ -6,9 +6,10 @@ The convolutions are those of the full-size ADE20k generator (CLADE and / or SPA
 multiscale discriminator at `--batch` images of `--size`^2 (the discriminator sees 2 x batch:
 [fake; real]), captured by tracing one forward of each network. For each distinct convolution
 it times, in one process and alternating: the forward, the input gradient, XLA's own weight
-gradient and `clade_jax.layers.conv.taps_weight_grad` (the tap-wise matrix-product form);
-it reports the ratio taps / XLA and whether `taps_weight_grad_wins` (the rule that
-`conv2d(weight_grad="auto")` uses on CPU) picks taps for that shape. The convolutions of
+gradient, `clade_jax.layers.conv.taps_weight_grad` (the tap-wise matrix-product form) and, for
+stride 1, `rows_weight_grad` (one matrix product per kernel row, the output gradient shifted);
+it reports the ratios to XLA and which form `weight_grad_formulation` (the rule that
+`conv2d(weight_grad="auto")` uses on CPU) picks for that shape. The convolutions of
 one-hot label maps (SPADE's shared conv, the discriminator's first layer, the generators' `fc`)
 are timed apart: the one-hot convolution vs `onehot_conv`'s tap-wise gather (what the layers
 use on CPU), forward and weight gradient. Appends a dated block to benchmarks/RESULTS.md.
@@ -111,9 +112,17 @@ def bench_shape(x_shape, w_shape, stride, padding, repeats, rng):
             lambda a, b, gy: conv_lib.taps_weight_grad(a, gy, b.shape[0], stride, padding)
         ),
     }
-    args = {"fwd": (x, w), "dx": (x, w, g), "dw_xla": (x, w, g), "dw_taps": (x, w, g)}
+    if stride == 1 and w_shape[0] > 1:
+        fns["dw_rows"] = jax.jit(
+            lambda a, b, gy: conv_lib.rows_weight_grad(a, gy, b.shape[0], padding)
+        )
+    args = {k: (x, w) if k == "fwd" else (x, w, g) for k in fns}
     ref = fns["dw_xla"](x, w, g)
-    err = float(jnp.linalg.norm(fns["dw_taps"](x, w, g) - ref) / jnp.linalg.norm(ref))
+    err = max(
+        float(jnp.linalg.norm(fns[k](x, w, g) - ref) / jnp.linalg.norm(ref))
+        for k in fns
+        if k.startswith("dw_")
+    )
     return {k: time_fn(f, args[k], repeats) for k, f in fns.items()}, err
 
 
@@ -148,7 +157,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     header = (
         f"{'x shape':>20} {'kernel':>18} s p | {'fwd':>8} {'dx':>8} {'dw xla':>9} "
-        f"{'dw taps':>8} {'taps/xla':>8} auto  rel.err  where"
+        f"{'dw taps':>8} {'dw rows':>8} {'taps/xla':>8} {'rows/xla':>8} auto  rel.err  where"
     )
     lines = [header]
     print(header, flush=True)
@@ -157,14 +166,17 @@ def main() -> None:
     shapes = {k: v for k, v in shapes.items() if k[0] != "onehot"}
     for (xs, ws, s, p), where in sorted(shapes.items(), key=lambda kv: -np.prod(kv[0][0])):
         t, err = bench_shape(xs, ws, s, p, args.repeats, rng)
-        auto = conv_lib.taps_weight_grad_wins(xs, ws, s)
+        auto = conv_lib.weight_grad_formulation(xs, ws, s)
         total["xla"] += t["dw_xla"]
-        total["auto"] += t["dw_taps"] if auto else t["dw_xla"]
+        total["auto"] += t["dw_" + auto]
+        rows = t.get("dw_rows")
         line = (
             f"{str(xs):>20} {str(ws):>18} {s} {p} | {t['fwd'] * 1e3:7.1f}m {t['dx'] * 1e3:7.1f}m "
             f"{t['dw_xla'] * 1e3:8.1f}m {t['dw_taps'] * 1e3:7.1f}m "
-            f"{t['dw_taps'] / t['dw_xla']:8.3f} {'taps' if auto else 'xla ':4} {err:8.1e}  "
-            f"{', '.join(sorted(where))}"
+            + (f"{rows * 1e3:7.1f}m " if rows else f"{'-':>8} ")
+            + f"{t['dw_taps'] / t['dw_xla']:8.3f} "
+            + (f"{rows / t['dw_xla']:8.3f} " if rows else f"{'-':>8} ")
+            + f"{auto:4} {err:8.1e}  {', '.join(sorted(where))}"
         )
         lines.append(line)
         print(line, flush=True)

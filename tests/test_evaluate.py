@@ -35,7 +35,7 @@ from clade_jax.evaluation.evaluate import evaluate, fid_stats_stem
 from clade_jax.evaluation.evaluators import common
 from clade_jax.inference import to_uint8
 from clade_jax.models.encoder import reparameterize
-from clade_jax.training import checkpoint
+from clade_jax.training import checkpoint, runtime
 from clade_jax.training.state import GANState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def vivid(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("vivid") / "run")
     checkpoint.write_config(config, workdir)
     init = jax.jit(lambda key: nnx.split(GANState(config, 16, rngs=nnx.Rngs(key)))[1])
-    state = init(jax.random.key(0, impl="rbg"))
+    state = init(runtime.init_key(0))
     kernel = state["gen"]["g"]["conv_img"]["kernel"]
     kernel.set_value(kernel[...] * 4.0)
     manager = checkpoint.make_manager(workdir, with_data=False)

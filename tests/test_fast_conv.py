@@ -8,6 +8,8 @@ stride-1 layers take the fast path must have the same gradients as with the plai
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,15 @@ def test_taps_weight_grad_equals_xla(n, h, w, c, o, k, stride, padding):
             patch = xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride]
             expect[i, j] = np.einsum("nhwc,nhwo->co", patch[:, :ho, :wo], np.asarray(g))
     assert _rel(dw, expect) < 1e-5
+    if stride == 1:  # the row-shift form: same gradients, and its own forward is the plain one
+        y_rows = conv_lib.conv2d(x, kern, stride=1, padding=padding, weight_grad="rows")
+        np.testing.assert_array_equal(np.asarray(y_rows), np.asarray(y))
+        dx_rows, dw_rows = _grads("rows", x, kern, stride, padding, g)
+        assert _rel(dx_rows, dx_ref) < 1e-6
+        assert _rel(dw_rows, expect) < 1e-5
+    else:
+        with pytest.raises(ValueError, match="stride 1"):
+            conv_lib.conv2d(x, kern, stride=stride, padding=padding, weight_grad="rows")
 
 
 def test_taps_weight_grad_in_bfloat16():
@@ -101,6 +112,17 @@ def test_auto_takes_the_taps_path_only_on_cpu_and_only_where_it_wins(monkeypatch
     assert _uses_taps(
         monkeypatch, lambda x, w: conv_lib.conv2d(x, w, padding=2, weight_grad="taps"), *narrow
     )
+    # big grids, stride 1, output no wider than the input: the row-shift form
+    rows_grid = (jnp.zeros((1, 64, 64, 256)), jnp.zeros((3, 3, 256, 128)))
+    calls = []
+    original = conv_lib.rows_weight_grad
+    with monkeypatch.context() as m:
+        m.setattr(conv_lib, "rows_weight_grad", lambda *a: calls.append(1) or original(*a))
+        for shapes, s in ((rows_grid, 1), (rows_grid, 2), (big_grid, 1)):  # only the first
+            jax.make_jaxpr(jax.grad(lambda x, w, s=s: jnp.sum(conv(s)(x, w)), argnums=1))(*shapes)
+        assert calls == [1]
+    assert conv_lib.weight_grad_formulation((1, 64, 64, 256), (3, 3, 256, 128), 1) == "rows"
+    assert conv_lib.weight_grad_formulation((1, 64, 64, 256), (3, 3, 256, 512), 1) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert not _uses_taps(monkeypatch, conv(1), *wide)  # the ordinary path on GPU / TPU
     with pytest.raises(ValueError, match="weight_grad"):
@@ -197,16 +219,17 @@ def test_plain_formulation_turns_both_fast_paths_off(monkeypatch):
 
 
 def test_after_keeps_the_values_and_adds_a_dependency():
-    """`after(v, a)` is v exactly (signed zeros aside) and depends on a; NaN if a[0] is not
-    finite, as its docstring says."""
+    """`after(v, a)` is v exactly (signed zeros aside), whatever a holds, and depends on a."""
     v = jnp.asarray([1.5, -2.0, 3e38, -1e-30], jnp.float32)
     a = jnp.asarray([[-7.0, jnp.nan]], jnp.float32)
     np.testing.assert_array_equal(np.asarray(conv_lib.after(v, a)), np.asarray(v))
     assert "mul" in str(jax.make_jaxpr(conv_lib.after)(v, a))
-    assert np.all(np.isnan(np.asarray(conv_lib.after(v, jnp.asarray([jnp.inf])))))
+    for bad in (jnp.inf, -jnp.inf, jnp.nan):
+        np.testing.assert_array_equal(np.asarray(conv_lib.after(v, jnp.asarray([bad]))), v)
     # the compiled program keeps the dependency (XLA does not fold 0 * a for floats)
     hlo = jax.jit(conv_lib.after).lower(v, a).compile().as_text()
-    assert "multiply" in hlo
+    entry = hlo[hlo.index("ENTRY") :]
+    assert re.search(r"= f32\[4\]\S* fusion\([^)]*%anchor", entry), entry  # not folded away
 
 
 @pytest.mark.parametrize("spectral", [False, True])

@@ -80,7 +80,7 @@ def xavier_normal(gain: float = XAVIER_GAIN):
 
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-WEIGHT_GRAD_MODES = ("auto", "xla", "taps")
+WEIGHT_GRAD_MODES = ("auto", "xla", "taps", "rows")
 _PLAIN = [False]  # set by `plain_formulation()`
 
 
@@ -135,6 +135,38 @@ def taps_weight_grad(
     return dw.reshape(k, k, c, o).astype(x.dtype)
 
 
+def rows_weight_grad(x: jnp.ndarray, g: jnp.ndarray, kernel_size: int, padding: int) -> jnp.ndarray:
+    """The filter gradient of a stride-1 `_plain_conv` as k matrix products over kernel rows.
+
+    `dW[i, j] = sum_{n,y,x} x_pad[n, y+i, x+j, :]^T g[n, y, x, :]`. Shifting g instead of x by
+    j along the width (zero-padded to the padded input's width Wp) makes the input operand of
+    kernel row i the contiguous row block `x_pad[:, i:i+H']`, and the k column shifts of g side
+    by side, (N, H', Wp, k*O), make one product per kernel row:
+    `dW[i] = x_rows_i^T (N*H'*Wp, C) @ g_shifts (N*H'*Wp, k*O)`. No im2col copy of the input;
+    (Wp / W') times the arithmetic of the convolution.
+
+    x: (N, H, W, C); g: (N, H', W', O) -> (k, k, C, O) in x's dtype (accumulated in float32).
+    """
+    k, p = kernel_size, padding
+    n, ho, wo, o = g.shape
+    c = x.shape[3]
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    wp = xp.shape[2]
+    # g shifted right by j (zeros elsewhere) for each j, stacked on the channel axis
+    shifts = jnp.concatenate(
+        [jnp.pad(g, ((0, 0), (0, 0), (j, wp - wo - j), (0, 0))) for j in range(k)], axis=3
+    ).reshape(n * ho * wp, k * o)
+    rows = []
+    for i in range(k):
+        # row i's input block is cut only after row i - 1's product (`after`): one block of
+        # the input's size alive at a time, not k (this runs where activation memory peaks)
+        src = xp if not rows else after(xp, rows[-1])
+        xi = jax.lax.slice_in_dim(src, i, i + ho, axis=1).reshape(n * ho * wp, c)
+        dwi = jnp.einsum("mc,mq->cq", xi, shifts, preferred_element_type=jnp.float32)
+        rows.append(jnp.transpose(dwi.reshape(c, k, o), (1, 0, 2)))  # (k, C, O): taps j
+    return jnp.stack(rows).astype(x.dtype)
+
+
 def after(value: jnp.ndarray, anchor: jnp.ndarray) -> jnp.ndarray:
     """`value`, computed only once `anchor` is: the same numbers, with a data dependency.
 
@@ -142,23 +174,24 @@ def after(value: jnp.ndarray, anchor: jnp.ndarray) -> jnp.ndarray:
     the input gradient, rows gathered from a table) at the start of the program and keep the
     result alive until the backward pass uses it; on XLA:CPU `optimization_barrier` does not
     stop this. Adding `0 * anchor[0]` (which XLA does not fold for floats) ties the value to the
-    backward's cotangent, so it is formed when needed and freed after. If that one element is
-    not finite the result is NaN, as a gradient computed from a non-finite cotangent is anyway.
+    backward's cotangent, so it is formed when needed and freed after. The added term is
+    `0 * isnan(anchor[0])`: exactly zero for any anchor, NaN and inf included.
     """
-    zero = jnp.zeros((), value.dtype) * anchor.reshape(-1)[0].astype(value.dtype)
-    return value + zero
+    # 0 * (a[0] != a[0]): zero whatever a[0] is (NaN and inf included), which XLA does not fold
+    flag = jax.lax.stop_gradient(jnp.isnan(anchor.reshape(-1)[0])).astype(value.dtype)
+    return value + jnp.zeros((), value.dtype) * flag
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_cpu(x, w, stride, padding, taps):
+def _conv_cpu(x, w, stride, padding, weight_grad):
     return _plain_conv(x, w, stride, padding)
 
 
-def _conv_cpu_fwd(x, w, stride, padding, taps):
+def _conv_cpu_fwd(x, w, stride, padding, weight_grad):
     return _plain_conv(x, w, stride, padding), (x, w)
 
 
-def _conv_cpu_bwd(stride, padding, taps, residuals, g):
+def _conv_cpu_bwd(stride, padding, weight_grad, residuals, g):
     x, w = residuals
     # The kernel enters the input gradient only once g exists (`after`): XLA:CPU otherwise
     # forms every layer's transposed kernel at the start of the step and holds them all (389 MB
@@ -166,8 +199,10 @@ def _conv_cpu_bwd(stride, padding, taps, residuals, g):
     w_late = after(w, g)
     _, input_vjp = jax.vjp(lambda x_: _plain_conv(x_, w_late, stride, padding), x)
     (dx,) = input_vjp(g)
-    if taps:
+    if weight_grad == "taps":
         dw = taps_weight_grad(x, g, w.shape[0], stride, padding).astype(w.dtype)
+    elif weight_grad == "rows":
+        dw = rows_weight_grad(x, g, w.shape[0], padding).astype(w.dtype)
     else:
         _, weight_vjp = jax.vjp(lambda w_: _plain_conv(x, w_, stride, padding), w)
         (dw,) = weight_vjp(g)
@@ -194,20 +229,47 @@ def taps_weight_grad_wins(x_shape, w_shape, stride: int) -> bool:
     return stride == 1 and k > 1 and c * o >= 128 * 512 and h * w <= 48 * 48
 
 
+def rows_weight_grad_wins(x_shape, w_shape, stride: int) -> bool:
+    """Where `rows_weight_grad` beats XLA:CPU's filter gradient (benchmarks/convs.py).
+
+    Measured over the full-size generators' convolutions at batch 1 (benchmarks/RESULTS.md,
+    "convs.py" with the rows column): rows / XLA 0.43-0.87 for every stride-1 k > 1 layer on a
+    64x64 or larger grid whose output is no wider than its input (e.g. 128 -> 64 at 256x256:
+    151 vs 230 ms; 64 -> 3: 43 vs 99 ms), but 1.28-1.47 where the output is wider (128 -> 256
+    at 128x128, 128 -> 512 at 64x64: the k shifted output gradients side by side get wide).
+    """
+    k, _, c, o = w_shape
+    return stride == 1 and k > 1 and x_shape[1] * x_shape[2] >= 64 * 64 and o <= c
+
+
+def weight_grad_formulation(x_shape, w_shape, stride: int) -> str:
+    """The filter-gradient form `conv2d(weight_grad="auto")` uses on CPU: "taps", "rows" or
+    "xla" (XLA's own), each where it measured fastest (see the two rules)."""
+    if taps_weight_grad_wins(x_shape, w_shape, stride):
+        return "taps"
+    if rows_weight_grad_wins(x_shape, w_shape, stride):
+        return "rows"
+    return "xla"
+
+
 def conv2d(
     x: jnp.ndarray, w: jnp.ndarray, *, stride: int = 1, padding: int = 0, weight_grad: str = "auto"
 ) -> jnp.ndarray:
     """NHWC x HWIO convolution with PyTorch's symmetric zero padding.
 
-    weight_grad: "auto" (the taps filter gradient where `taps_weight_grad_wins` on the CPU
-    backend, XLA's own everywhere else), "xla", or "taps". The forward is the same in all three.
+    weight_grad: "auto" (on the CPU backend the form `weight_grad_formulation` picks for the
+    shape, with the late-kernel input gradient; XLA's own autodiff on every other backend),
+    "xla" (XLA's own), "taps" or "rows" (stride 1). The forward is the same in all of them.
     """
     if weight_grad not in WEIGHT_GRAD_MODES:
         raise ValueError(f"weight_grad must be one of {WEIGHT_GRAD_MODES}, got {weight_grad!r}")
-    if weight_grad == "taps":
-        return _conv_cpu(x, w, stride, padding, True)
+    if weight_grad == "rows" and stride != 1:
+        raise ValueError(f"weight_grad='rows' needs stride 1, got stride {stride}")
+    if weight_grad in ("taps", "rows"):
+        return _conv_cpu(x, w, stride, padding, weight_grad)
     if weight_grad == "auto" and cpu_fast_path():
-        return _conv_cpu(x, w, stride, padding, taps_weight_grad_wins(x.shape, w.shape, stride))
+        formulation = weight_grad_formulation(x.shape, w.shape, stride)
+        return _conv_cpu(x, w, stride, padding, formulation)
     return _plain_conv(x, w, stride, padding)
 
 
@@ -275,9 +337,13 @@ def onehot_conv(
         ]
     )  # (k*k, N, H', W') int
     rows = table.reshape(k * k, num + 2, o)
-    # A loop over the taps, summed in tap order: unrolled, XLA:CPU gathers all k*k
-    # (N, H', W', O) row sets up front and keeps them until one fused sum (139 MB for the
-    # discriminator's first layer at 256x256, batch 1, inside the training step).
+    # A loop over the taps, summed in tap order. Unrolled, XLA:CPU gathers all k*k
+    # (N, H', W', O) row sets up front and keeps them for one fused sum (139 MB for the
+    # discriminator's first layer at 256x256, batch 1, in the training step), and the weight
+    # gradient's scatter-adds hold as much again: the full-size SPADE step's temporaries were
+    # 2.8 GB unrolled (2.7 with the gathers chained by `after`) against 1.8 GB with this loop,
+    # whose scatter-adds are slower (37 vs 4 ms for the discriminator's layer,
+    # benchmarks/convs.py).
     body = lambda y, tap: (y + rows[tap[0]][tap[1]], None)
     y, _ = jax.lax.scan(body, rows[0][taps[0]], (jnp.arange(1, k * k), taps[1:]))
     return y
