@@ -94,7 +94,9 @@ MUTANTS = {
         "clade_jax.layers.conv",
         [
             (
+                "            y = y / sigma.astype(self.dtype)\n        if self.bias is not None:\n"
                 "            y = y + self.bias[...].astype(self.dtype)\n        return y\n",
+                "            y = y / sigma.astype(self.dtype)\n        if self.bias is not None:\n"
                 "            y = y + self.bias[...].astype(self.dtype)\n"
                 "        if self.dtype == jnp.bfloat16:  # mutant\n"
                 "            y = jnp.zeros_like(y)\n        return y\n",

@@ -43,8 +43,14 @@ same `custom_vjp`, whose backward ties the kernel to the output gradient first (
 copy is made when its layer's gradient arrives and freed after; the weight gradient is XLA's own
 or the taps one, as above. `onehot_conv`'s gather loop and CLADE's backward
 (`clade._modulate_late_gathers`) avoid the same early-and-held pattern for gathered rows; with
-all three the step's temporaries are 0.78 GB and the process's peak 2.40 GB (was 2.92;
-benchmarks/training.py).
+all three the step's temporaries were 0.78 GB (from 1.23) and the process's peak 2.40 GB (from
+2.92; benchmarks/training.py), 0.92 GB / 2.4-2.6 GB with the row-shift weight gradient below.
+
+Row-shift weight gradient (`rows_weight_grad`, stride 1): the generator's layers on 64x64 and
+larger grids, where XLA:CPU's filter gradient took 2.5-8x their forward time, form it as one
+matrix product per kernel row: the output gradient shifted along the width by each column tap
+(zero-padded), side by side, against the contiguous row block of the padded input; 0.43-0.87x
+XLA's time where the output is no wider than the input (`rows_weight_grad_wins`).
 
 Convolutions of a one-hot label map (`onehot_conv`, `Conv2d(x, labels=...)`): SPADE's shared
 modulation conv, the discriminator's first layer and the generators' label-map input convs see
