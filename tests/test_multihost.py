@@ -26,6 +26,7 @@ STEPS = 2
 RUN = dict(num_train_steps=STEPS, checkpoint_every_steps=1)
 
 
+@pytest.mark.slow(reason="two processes + a 1-process reference, each compiling (~134 s cold)")
 def test_two_processes_train_checkpoint_and_equal_one_process(tmp_path):
     workdir = tmp_path / "run"
     reference = tmp_path / "one_process"

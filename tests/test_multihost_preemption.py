@@ -27,6 +27,7 @@ RUN = dict(log_every_steps=1, image_every_steps=0, checkpoint_every_steps=100000
 BOUND = 120  # seconds from SIGTERM to both processes' exit
 
 
+@pytest.mark.slow(reason="two jax.distributed processes trained, stopped by SIGTERM and restarted")
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     workdir = tmp_path / "preempted"
     procs = mp.launch(workdir, num_train_steps=100000, **RUN)

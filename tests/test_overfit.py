@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from clade_jax.configs import synthetic
 from clade_jax.data import make_train_iterator
@@ -18,6 +19,7 @@ from clade_jax.training.loop import make_mesh
 from clade_jax.training.step import sample_train_mode
 
 
+@pytest.mark.slow(reason="120 training steps, long enough to learn (~90 s)")
 def test_generator_overfits_a_handful_of_scenes(tmp_path):
     c = synthetic.get_config("tiny")
     c.data.synthetic_size = 8  # one batch: the same 8 scenes every step

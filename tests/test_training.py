@@ -186,6 +186,7 @@ def one_and_eight():
     return config, one, eight
 
 
+@pytest.mark.slow(reason="the step compiled for 1 and 8 devices (~135 s cold set-up, shared)")
 def test_one_device_and_eight_devices_agree(one_and_eight):
     _assert_one_and_eight_agree(*one_and_eight)
 
