@@ -83,13 +83,12 @@ class ClassAffine(nnx.Module):
         self.scale = nnx.Param(jax.random.uniform(rngs.params(), (num_classes, num_features)))
         self.shift = nnx.Param(jnp.zeros((num_classes, num_features), jnp.float32))
 
-    def tables(self, labels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """labels (N, H, W) -> per-pixel (scale, shift), each (N, H, W, C) float32."""
-        return gather_classes(self.scale[...], labels), gather_classes(self.shift[...], labels)
-
-    def __call__(self, x_hat: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-        scale, shift = self.tables(labels)
-        return (x_hat * scale + shift).astype(x_hat.dtype)
+    def __call__(self, x_hat: jnp.ndarray, labels: jnp.ndarray, factors=None) -> jnp.ndarray:
+        """`modulate` with these tables (on CPU with the backward's late gathers), in x_hat's
+        dtype; factors: None or ICPE's (N, H, W, 1) scale and shift factors."""
+        tables = (self.scale[...], self.shift[...])
+        apply = _modulate_late_gathers if cpu_fast_path() else modulate
+        return apply(x_hat, tables, labels, factors).astype(x_hat.dtype)
 
 
 class CLADE(nnx.Module):
@@ -153,9 +152,7 @@ class CLADE(nnx.Module):
                 1 + self.icpe_scale(p).astype(jnp.float32),  # (N, H, W, 1) each
                 1 + self.icpe_shift(p).astype(jnp.float32),
             )
-        tables = (self.class_affine.scale[...], self.class_affine.shift[...])
-        apply = _modulate_late_gathers if cpu_fast_path() else modulate
-        y = apply(x_hat, tables, labels, factors).astype(x.dtype)
+        y = self.class_affine(x_hat, labels, factors).astype(x.dtype)
         if self.instance_edge:
             if edges is None:
                 raise ValueError("this CLADE layer was built with instance_edge=True: pass edges")
