@@ -485,21 +485,32 @@ def test_periodic_evaluation_reuses_its_evaluators_and_the_compiled_program(
 
 def test_evaluation_prints_progress_lines_off_a_terminal(vivid, tmp_path, caplog):
     """Output that is not a terminal (pytest captures it) gets plain progress lines with the
-    counts, the rate and the ETA, for the synthesis pass and for the FID reference statistics."""
+    counts, the rate and the ETA, for the synthesis pass and for the FID reference statistics
+    (`oasis`: the whole validation split in a pass of its own; `native` takes the reference
+    features in the synthesis pass, which then is the only one)."""
     import logging
 
-    with caplog.at_level(logging.INFO, logger="clade_jax.evaluation"):
-        evaluate(
-            vivid, max_images=16, batch_size=8, inception=FEATURES, fid_stats_dir=tmp_path,
-            progress_every_s=0.0,
-        )  # fmt: skip
-    lines = [r.getMessage() for r in caplog.records if r.name == "clade_jax.evaluation"]
-    synthesis = [x for x in lines if x.startswith("evaluation step 0 ")]
-    reference = [x for x in lines if x.startswith("FID reference (validation) ")]
-    for found in (synthesis, reference):
-        assert len(found) == 2, lines  # after the first batch, and the closing line
-        assert " 8/16 | " in found[0] and "images/s, ETA" in found[0]
-        assert " 16/16 | " in found[1] and "images/s" in found[1]
+    def progress(**kwargs):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="clade_jax.evaluation"):
+            evaluate(
+                vivid, max_images=16, batch_size=8, inception=FEATURES, progress_every_s=0.0,
+                segmenter=colour_segmenter(), **kwargs,
+            )  # fmt: skip
+        lines = [r.getMessage() for r in caplog.records if r.name == "clade_jax.evaluation"]
+        synthesis = [x for x in lines if x.startswith("evaluation step 0 ")]
+        reference = [x for x in lines if x.startswith("FID reference (validation) ")]
+        return lines, synthesis, reference
+
+    lines, synthesis, reference = progress(fid_stats_dir=tmp_path / "native")
+    assert reference == [], lines
+    assert len(synthesis) == 2, lines  # after the first batch, and the closing line
+    assert " 8/16 | " in synthesis[0] and "images/s, ETA" in synthesis[0]
+    assert " 16/16 | " in synthesis[1] and "images/s" in synthesis[1]
+    lines, synthesis, reference = progress(fid_stats_dir=tmp_path / "oasis", protocol="oasis")
+    assert len(synthesis) == 2 and len(reference) == 8, lines  # after batches 1-7, the closing
+    assert " 8/64 | " in reference[0] and "images/s, ETA" in reference[0]
+    assert " 64/64 | " in reference[-1] and "images/s" in reference[-1]
 
 
 class SubsampleSegmenter:

@@ -584,13 +584,24 @@ def evaluate(
         mesh=mesh,
         return_images=True,
     )
+    # The reference = the evaluated examples' real images (`native`), not cached yet: their
+    # features are taken in this pass by the reference pass's own program (a companion runner:
+    # the batches are read and transferred once; the synthesis program stays the same whether
+    # the statistics are cached or not, so a later evaluation compiles nothing).
+    ref_ev, companions = None, []
+    if fid_ev is not None and proto.same_examples(split):
+        ref_path, _, _ = reference_path(data, proto, split, count, resolution, fid_stats_dir)
+        if not _cached(ref_path):
+            logging.info("real FID statistics: %s (in the synthesis pass)", ref_path)
+            ref_ev = fid_eval.FidEvaluator(features)
+            companions = [common.Runner(common.real_source(), [ref_ev], mesh=mesh)]
     pi, pc = jax.process_index(), jax.process_count()
     batches = make_eval_iterator(
         data, batch_size=batch_size, split=split, process_index=pi, process_count=pc
     )
     runner.run(
         batches, count=count, on_images=writer, progress_every_s=progress_every_s,
-        what=f"evaluation step {step}",
+        what=f"evaluation step {step}", companions=companions,
     )  # fmt: skip
 
     result: dict[str, Any] = dict.fromkeys(RESULT_KEYS)
@@ -602,9 +613,14 @@ def evaluate(
         segmenter=evaluators.segmenter if seg_ev is not None else None,
         images_dir=str(images_dir),
     )  # fmt: skip
-    if fid_ev is not None:
-        # The reference set (for `native` the evaluated examples' real images) in a pass of
-        # its own, once: cached afterwards (the synthesis program stays the same either way).
+    if ref_ev is not None:
+        ref = ref_ev.result()
+        if jax.process_index() == 0:
+            fid_eval.save_statistics(ref_path, ref["mu"], ref["sigma"], count, resolution)
+        result.update(fid=_fid(fid_ev.result(), ref["mu"], ref["sigma"]))
+        result.update(fid_real_stats=str(ref_path))
+    elif fid_ev is not None:
+        # The protocol's reference set (cached, or a pass of its own, then cached).
         mu, sigma, ref_path = reference_statistics(
             data, proto, split, count, resolution, features=features,
             batch_size=batch_size, mesh=mesh, stats_dir=fid_stats_dir,

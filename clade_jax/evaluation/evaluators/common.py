@@ -269,6 +269,7 @@ class Runner:
         while len(_PROGRAMS) > MAX_PROGRAMS:
             _PROGRAMS.popitem(last=False)
         self._programs = programs
+        self._companions: list[Runner] = []
 
     def run(
         self,
@@ -278,6 +279,7 @@ class Runner:
         on_images: Callable[[np.ndarray, dict], None] | None = None,
         progress_every_s: float = 10.0,
         what: str = "images",
+        companions: Sequence[Runner] = (),
     ) -> int:
         """Evaluates the first `count` examples of `batches`.
 
@@ -290,14 +292,28 @@ class Runner:
           progress_every_s: off a terminal, a progress line (count, images/s, ETA) at most
             this often, and one at the end; on a terminal a progress bar (`runtime.Progress`).
           what: name of the images in the progress lines.
+          companions: other runners on the same mesh fed the same batches in this pass (each
+            batch read and transferred once; each runner runs its own compiled program on it,
+            the same one as in a pass of its own, and its evaluators accumulate as there), e.g.
+            the FID reference features of the evaluated examples' real images. Without staged
+            evaluators or returned images.
 
         Returns:
           The number of examples evaluated (over all processes).
         """
-        for ev in self.evaluators:  # evaluators handed in again start from zero
-            if hasattr(ev, "reset"):
-                ev.reset()
-        self._programs.use(self.source, self._direct, self._staged)
+        for c in companions:
+            if c._staged or c.return_images or c.mesh != self.mesh:
+                raise ValueError(
+                    "a companion runner needs this mesh, no staged evaluators and "
+                    "no returned images"
+                )
+        self._companions = list(companions)
+        runners = [self, *self._companions]
+        for r in runners:
+            for ev in r.evaluators:  # evaluators handed in again start from zero
+                if hasattr(ev, "reset"):
+                    ev.reset()
+            r._programs.use(r.source, r._direct, r._staged)
         try:
             with runtime.Progress(
                 count, what, unit="image", every_s=progress_every_s, logger=log
@@ -305,48 +321,92 @@ class Runner:
                 seen = self._loop(batches, count, on_images, progress)
                 progress.log(seen)  # the closing line: count and rate
         finally:
-            self._programs.release()
+            for r in runners:
+                r._programs.release()
+            self._companions = []
         if seen != count:
             raise RuntimeError(f"evaluated {seen} {what}, expected {count}")
         return seen
 
     def _loop(self, batches, count, on_images, progress) -> int:
-        seen = 0
+        """The host loop, one batch ahead of the device: batch b + 1 is read, checked and
+        dispatched before the results of batch b are fetched (jit dispatch is asynchronous), so
+        the host's work (the next batch's decoding and transfer, PNG writes, the statistics)
+        overlaps the device's. A batch is dispatched ahead only while more are needed: the
+        evaluation iterators fill global batch b with examples [b * rows, (b + 1) * rows), so
+        the one holding example `count - 1` is the last; with another layout the loop just
+        fetches before reading on (the same decision on every process: it uses only global
+        shapes and counts)."""
+        seen, pending = 0, None
         for b, local in enumerate(batches):
-            local = dict(local)
-            index = np.asarray(local["index"])
-            local["valid"] = np.asarray(local["mask"], bool) & (index >= 0) & (index < count)
-            if "image" in local and np.asarray(local["image"]).dtype != np.uint8:
-                local["image"] = np.asarray(local["image"], np.float32)
-            for ev in self.evaluators:
-                if hasattr(ev, "check_batch"):  # e.g. labels outside the segmenter's classes
-                    ev.check_batch(local)
-            batch = shard_batch(local, self.batch_sharding)
-            out, images = self._programs.step(self.params, batch)
-            if self._staged or (self.return_images and on_images is not None):
-                local_images = _local(images, self.mesh)
-            for ev in self._staged:
-                inputs = {
-                    k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-                    for k, v in ev.host_stage(local_images, local).items()
-                }
-                out["evals"][ev.name] = self._programs.staged_fns[ev.name](
-                    self.params[ev.name], inputs, batch
-                )
-            out = jax.device_get(out)
-            bad = np.asarray(out["bad"])
-            if bad.any():
-                raise FloatingPointError(
-                    f"the generator produced NaN/inf for {int(bad.sum())} example(s) of batch "
-                    f"{b}: labels outside [0, num_classes) or a diverged checkpoint"
-                )
-            for ev in self.evaluators:
-                ev.update(out["evals"][ev.name])
-            if self.return_images and on_images is not None:
-                on_images(local_images, local)
-            done = int(np.asarray(out["valid"]).sum())
-            seen += done
-            progress.update(done)
+            current = self._dispatch(b, local, count)
+            if pending is not None:
+                seen += self._finish(pending, on_images, progress)
+                if seen >= count:  # `current` holds no example left to count
+                    return seen
+                pending = None
+            self._stage(current)
+            if (b + 1) * current["rows"] < count:  # more batches needed: keep this one in flight
+                pending = current
+                continue
+            seen += self._finish(current, on_images, progress)
             if seen >= count:
-                break
+                return seen
+        if pending is not None:
+            seen += self._finish(pending, on_images, progress)
         return seen
+
+    def _dispatch(self, b: int, local: dict, count: int) -> dict:
+        """Host checks of batch b, its transfer and the (asynchronous) per-batch jit."""
+        local = dict(local)
+        index = np.asarray(local["index"])
+        local["valid"] = np.asarray(local["mask"], bool) & (index >= 0) & (index < count)
+        if "image" in local and np.asarray(local["image"]).dtype != np.uint8:
+            local["image"] = np.asarray(local["image"], np.float32)
+        for ev in [ev for r in (self, *self._companions) for ev in r.evaluators]:
+            if hasattr(ev, "check_batch"):  # e.g. labels outside the segmenter's classes
+                ev.check_batch(local)
+        batch = shard_batch(local, self.batch_sharding)
+        out, images = self._programs.step(self.params, batch)
+        side = [c._programs.step(c.params, batch)[0] for c in self._companions]
+        rows = int(batch["valid"].shape[0])  # the global batch
+        return {
+            "b": b, "local": local, "batch": batch, "out": out, "images": images, "rows": rows,
+            "companions": side,
+        }  # fmt: skip
+
+    def _stage(self, p: dict) -> None:
+        """The staged evaluators' host steps (they wait for the batch's images) and jits."""
+        if not self._staged:
+            return
+        p["local_images"] = _local(p["images"], self.mesh)
+        for ev in self._staged:
+            inputs = {
+                k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in ev.host_stage(p["local_images"], p["local"]).items()
+            }
+            p["out"]["evals"][ev.name] = self._programs.staged_fns[ev.name](
+                self.params[ev.name], inputs, p["batch"]
+            )
+
+    def _finish(self, p: dict, on_images, progress) -> int:
+        """Fetches a dispatched batch's results and hands them to the evaluators (and the
+        images to `on_images`); returns its number of valid examples (all processes)."""
+        out, side = jax.device_get((p["out"], p["companions"]))
+        bad = np.asarray(out["bad"])
+        if bad.any():
+            raise FloatingPointError(
+                f"the generator produced NaN/inf for {int(bad.sum())} example(s) of batch "
+                f"{p['b']}: labels outside [0, num_classes) or a diverged checkpoint"
+            )
+        for runner, o in [(self, out), *zip(self._companions, side, strict=True)]:
+            for ev in runner.evaluators:
+                ev.update(o["evals"][ev.name])
+        if self.return_images and on_images is not None:
+            local_images = p.get("local_images")
+            if local_images is None:
+                local_images = _local(p["images"], self.mesh)
+            on_images(local_images, p["local"])
+        done = int(np.asarray(out["valid"]).sum())
+        progress.update(done)
+        return done

@@ -34,11 +34,18 @@ class RunningStatistics:
     `add(features)` with (n, D) rows; `mean_and_covariance()` equals
     `fid.statistics(all rows)` to float64 rounding (the sums are taken about the first batch's
     mean, which keeps the usual one-pass cancellation out of the covariance).
+
+    Rows are buffered (about `block` of them: 4 MB at 256 x 2048 float64) and added to the
+    (D, D) sum of outer products a block at a time: one matrix product per block instead of one
+    per batch, each of which reads and writes the whole 32 MB (D, D) sum (at batch 8 that pass,
+    not the arithmetic, took ~15 ms per image on this project's 2-core CPU).
     """
 
-    def __init__(self):
-        self.count = 0
+    def __init__(self, block: int = 256):
+        self.count, self.block = 0, int(block)
         self.shift = self.total = self.outer = None
+        self._rows: list[np.ndarray] = []
+        self._buffered = 0
 
     def add(self, features: np.ndarray) -> None:
         f = np.asarray(features, np.float64)
@@ -53,12 +60,22 @@ class RunningStatistics:
         x = f - self.shift
         self.count += len(f)
         self.total += x.sum(axis=0)
-        self.outer += x.T @ x
+        self._rows.append(x)
+        self._buffered += len(x)
+        if self._buffered >= self.block:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            x = np.concatenate(self._rows) if len(self._rows) > 1 else self._rows[0]
+            self.outer += x.T @ x
+            self._rows, self._buffered = [], 0
 
     def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray]:
         """(mu (D,), sigma (D, D)) float64; sigma unbiased as `np.cov`."""
         if self.count < 2:
             raise ValueError(f"FID statistics need at least 2 images, got {self.count}")
+        self._flush()
         m = self.total / self.count
         sigma = (self.outer - self.count * np.outer(m, m)) / (self.count - 1)
         return self.shift + m, sigma
