@@ -86,10 +86,11 @@ def run_once(mesh, batches, count, segmenter, *, staged_fn=None):
     return fid_ev.result(), seg.result()
 
 
-def test_running_statistics_equal_numpy_two_pass():
+@pytest.mark.parametrize("block", [1, 12, 256])  # outer products per batch, per 2 batches, once
+def test_running_statistics_equal_numpy_two_pass(block):
     rng = np.random.default_rng(3)
     feats = 1000.0 + rng.standard_normal((37, 5)) * [1, 2, 3, 0.5, 0.01]  # large mean
-    stats = fid_eval.RunningStatistics()
+    stats = fid_eval.RunningStatistics(block=block)
     for start in range(0, 37, 8):
         stats.add(feats[start : start + 8])
     mu, sigma = stats.mean_and_covariance()
