@@ -13,6 +13,11 @@
   `git worktree add /tmp/old_eval <commit>` checkout with this venv (its TensorFlow-based clu
   writer is stubbed out: TensorFlow is not installed). It evaluates on one device.
 * "after": this checkout, on 1 host device and on 8 (`--xla_force_host_platform_device_count`).
+* Every configuration runs with the convolutions the entry points choose (evaluate.py and
+  train.py call `clade_jax.backend.configure_cpu_backend`: Eigen instead of jaxlib's default
+  YNNPACK, `--xla_cpu_experimental_ynn_fusion_type=`). Blocks in RESULTS.md before 2026-12-01
+  17:00 ran on jaxlib's default (YNNPACK), which runs Inception at about half the speed on this
+  CPU (143 against 68-74 ms per image at batch 8).
 * Each configuration runs in its own process: a warm-up evaluate() of N images, then N and 2N;
   images/s is N / (t(2N) - t(N)), so compilation and set-up cancel. Peak host memory (max RSS)
   after the N and the 2N call: flat memory means the two agree. Programs lowered per call (each
@@ -35,6 +40,9 @@ import sys
 import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from clade_jax import backend  # noqa: E402  (only its flag name: JAX is not started here)
+
 OLD = "/tmp/old_eval"
 WORK = "/tmp/clade_eval_bench"
 
@@ -111,7 +119,9 @@ def run(code: str, *, cwd: str, devices: int) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": cwd,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        # The entry points' convolution choice (`clade_jax.backend.configure_cpu_backend`:
+        # Eigen, not jaxlib's default YNNPACK), which evaluate.py and train.py run with.
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {backend.YNN_FLAG}=",
         "JAX_PLATFORMS": "cpu",
         # The old evaluate() compiles at every call, the new one once per process (its programs
         # are cached in memory); the persistent cache makes the old code's timed calls load the
@@ -175,7 +185,8 @@ def main() -> None:
         textwrap.fill(
             f"`python benchmarks/evaluation.py --images {n} --batch {args.batch}` "
             f"(old = {sha[:10]}): synthetic generator ngf 16 at 64x64, pytorch-fid Inception on "
-            "the synthesized and the real images, builtin U-Net (16/32/64) on both. Per process: "
+            "the synthesized and the real images, builtin U-Net (16/32/64) on both, XLA:CPU's "
+            "Eigen convolutions (the entry points' choice) in every process. Per process: "
             f"a warm-up evaluate() of {n} images, then {n} and {2 * n}; images/s = {n} / (time "
             f"of {2 * n} - time of {n}), so compilation and set-up cancel. Peak RSS after the "
             f"{n}- and the {2 * n}-image calls. Load average {load0[0]:.2f} at start, "

@@ -127,6 +127,21 @@ def test_counts_and_features_on_one_and_eight_devices_equal_numpy():
     assert d[0] == pytest.approx(d[1], rel=1e-9)
 
 
+def test_batches_in_another_order_and_padding_only_batches_give_the_same_counts():
+    """The runner reads one batch ahead while the evaluation iterators' layout says more are
+    needed; with another layout (two batches of padding only first, then the rest in reverse
+    order) it reads on until `count` examples were seen: the same counts and statistics."""
+    batches, images, labels = make_batches(21, 8)
+    count = 18
+    padding = dict(batches[0], mask=np.zeros(8, bool), index=np.full(8, -1, np.int32))
+    mesh = common.make_mesh(jax.devices()[:1])
+    want = run_once(mesh, batches, count, colour_segmenter())
+    got = run_once(mesh, [padding, padding, *batches[::-1]], count, colour_segmenter())
+    np.testing.assert_array_equal(got[1]["confusion"], want[1]["confusion"])
+    np.testing.assert_allclose(got[0]["sigma"], want[0]["sigma"], rtol=1e-12)
+    assert got[0]["count"] == want[0]["count"] == count
+
+
 def test_host_stage_prepares_inputs_on_the_host():
     """A segmenter whose protocol needs a host step (as PIL resizes): the runner gives it this
     process's images, shards what it returns and scores it on device."""

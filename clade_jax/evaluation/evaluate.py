@@ -21,10 +21,11 @@ and those written by `python -m clade_jax.convert` alike) and the data of the sp
    earlier evaluation of the step are removed first) and `workdir/eval/<step>/grid.png`.
 4. FID against the protocol's reference set (`protocols`): `native` the real images of the same
    examples, `spade` / `oasis` the whole validation split, `clade` the training split resized
-   bilinearly. Reference statistics are computed once (a pass of the real images through a
-   runner of their own, with its progress bar) and cached as
+   bilinearly. Reference statistics are computed once and cached (by process 0) as
    `<fid_stats_dir>/<dataset>_<split>_<hash>[_bilinear]_n<count>_<H>x<W>.npz` (default folder
-   `$CLADE_JAX_CACHE/fid_stats`, else `~/.cache/clade_jax/fid_stats`).
+   `$CLADE_JAX_CACHE/fid_stats`, else `~/.cache/clade_jax/fid_stats`): for `native` in the
+   synthesis pass (the reference pass's program on the same batches), otherwise in a pass of
+   the reference images of their own, with its progress bar.
 5. mIoU, pixel accuracy, mean class accuracy and frequency-weighted IoU of the segmenter on the
    synthesized images against the label maps (mapped to the segmenter's classes, don't-care
    ignored), and the same segmenter's scores on the real images as the reference. The segmenter:

@@ -10,6 +10,12 @@ process (Inception pool features), plus the uint8 images when they are written. 
 to one fixed size; `valid` (B,) marks the rows that count (padding of the last batch and rows past
 `max_images` are excluded on device).
 
+The host loop runs one batch ahead: batch b + 1 is read, transferred and dispatched before the
+results of batch b are fetched, so data decoding, PNG writes and the host statistics overlap the
+device. Companion runners (`Runner.run(companions=...)`) run their own programs on the same
+batches in the same pass (each batch read and transferred once), e.g. the FID reference
+features of the evaluated examples' real images beside the synthesis.
+
 Multi-process: every process feeds its shard (`make_eval_iterator(process_index=...)`) into the
 global batch with `jax.make_array_from_process_local_data`; reductions come back identical on
 every process, and each process writes the images of its own rows.
@@ -340,10 +346,8 @@ class Runner:
         seen, pending = 0, None
         for b, local in enumerate(batches):
             current = self._dispatch(b, local, count)
-            if pending is not None:
+            if pending is not None:  # kept in flight: it could not reach `count` (see above)
                 seen += self._finish(pending, on_images, progress)
-                if seen >= count:  # `current` holds no example left to count
-                    return seen
                 pending = None
             self._stage(current)
             if (b + 1) * current["rows"] < count:  # more batches needed: keep this one in flight
