@@ -215,7 +215,19 @@ def test_plain_formulation_turns_both_fast_paths_off(monkeypatch):
     assert "gather" in str(jax.make_jaxpr(lambda w_: conv_lib.onehot_conv(labels, w_))(w))
     assert _uses_taps(monkeypatch, lambda x, k: conv_lib.conv2d(x, k, padding=2, stride=1), *wide)
     narrow = jax.make_jaxpr(lambda x, k: conv_lib.conv2d(x, k, stride=2))(*wide)
-    assert "custom_vjp_call" in str(narrow)  # every CPU conv: the late-kernel backward
+    assert "custom_vjp_call" in str(narrow)  # big CPU kernels: the late-kernel backward
+    # small kernels and inputs with XLA's own filter gradient: the plain convolution
+    c = int(np.sqrt(conv_lib.LATE_KERNEL_BYTES / 4 / 9))  # 3x3 c -> c float32 just under it
+    side = int(np.sqrt(conv_lib.LATE_INPUT_BYTES / 4 / 8))  # (1, side, side, 8) just under it
+    for x_shape, w_shape, custom in (
+        ((1, 8, 8, c), (3, 3, c, c), False),
+        ((1, 8, 8, c + 1), (3, 3, c + 1, c + 1), True),
+        ((1, side, side, 8), (1, 1, 8, 8), False),  # 1x1: XLA's own filter gradient
+        ((1, side + 1, side + 1, 8), (1, 1, 8, 8), True),
+    ):
+        x, k = jnp.zeros(x_shape), jnp.zeros(w_shape)
+        jaxpr = str(jax.make_jaxpr(lambda x, k: conv_lib.conv2d(x, k, padding=0))(x, k))
+        assert ("custom_vjp_call" in jaxpr) == custom, (x_shape, w_shape)
 
 
 def test_after_keeps_the_values_and_adds_a_dependency():

@@ -38,13 +38,15 @@ Memory on XLA:CPU. The input gradient of a convolution needs the kernel reversed
 XLA:CPU forms those copies as soon as the parameters exist, at the start of the step, and holds
 all of them until the backward pass reaches their layer (389 MB of the full-size CLADE step's
 1.23 GB of temporaries at batch 1: `compiled.memory_analysis()`, buffer assignment read from
-`--xla_dump_to`). On CPU every `conv2d` with `weight_grad="auto"` therefore goes through the
-same `custom_vjp`, whose backward ties the kernel to the output gradient first (`after`), so each
-copy is made when its layer's gradient arrives and freed after; the weight gradient is XLA's own
-or the taps one, as above. `onehot_conv`'s gather loop and CLADE's backward
-(`clade._modulate_late_gathers`) avoid the same early-and-held pattern for gathered rows; with
-all three the step's temporaries were 0.78 GB (from 1.23) and the process's peak 2.40 GB (from
-2.92; benchmarks/training.py), 0.92 GB / 2.4-2.6 GB with the row-shift weight gradient below.
+`--xla_dump_to`). On CPU every `conv2d` with `weight_grad="auto"` and a kernel of at least 1 MiB
+or an input of at least 4 MiB (`LATE_KERNEL_BYTES`, `LATE_INPUT_BYTES`: below both it only costs
+compile time) therefore goes through the same `custom_vjp`, whose backward ties the kernel to
+the output gradient first (`after`), so each copy is made when its layer's gradient arrives and
+freed after; the weight gradient is XLA's own or the taps one, as above. `onehot_conv`'s gather
+loop and CLADE's backward (`clade._modulate_late_gathers`) avoid the same early-and-held pattern
+for gathered rows; with all three the step's temporaries were 0.78 GB (from 1.23) and the
+process's peak 2.40 GB (from 2.92; benchmarks/training.py), 0.92 GB / 2.4-2.6 GB with the row-shift
+weight gradient below.
 
 Row-shift weight gradient (`rows_weight_grad`, stride 1): the generator's layers on 64x64 and
 larger grids, where XLA:CPU's filter gradient took 2.5-8x their forward time, form it as one
@@ -247,6 +249,15 @@ def rows_weight_grad_wins(x_shape, w_shape, stride: int) -> bool:
     return stride == 1 and k > 1 and x_shape[1] * x_shape[2] >= 64 * 64 and o <= c
 
 
+# Where XLA's own filter gradient is used, the late-kernel backward is kept on CPU for kernels or
+# inputs at least this large: the full-size models' layers (with it on every convolution their
+# step's temporaries were 0.924 GB CLADE / 1.747 GB SPADE at batch 1, with it for big kernels
+# only 0.941 / 1.817). Below both, on the small grids and narrow layers of the tests' tiny
+# configs, it only cost compile time (tiny training step 31.8 s with it, 18.1 s without).
+LATE_KERNEL_BYTES = 1 << 20
+LATE_INPUT_BYTES = 4 << 20
+
+
 def weight_grad_formulation(x_shape, w_shape, stride: int) -> str:
     """The filter-gradient form `conv2d(weight_grad="auto")` uses on CPU: "taps", "rows" or
     "xla" (XLA's own), each where it measured fastest (see the two rules)."""
@@ -274,7 +285,9 @@ def conv2d(
         return _conv_cpu(x, w, stride, padding, weight_grad)
     if weight_grad == "auto" and cpu_fast_path():
         formulation = weight_grad_formulation(x.shape, w.shape, stride)
-        return _conv_cpu(x, w, stride, padding, formulation)
+        big = w.size * w.dtype.itemsize >= LATE_KERNEL_BYTES
+        if formulation != "xla" or big or x.size * x.dtype.itemsize >= LATE_INPUT_BYTES:
+            return _conv_cpu(x, w, stride, padding, formulation)
     return _plain_conv(x, w, stride, padding)
 
 
