@@ -54,6 +54,14 @@ matrix product per kernel row: the output gradient shifted along the width by ea
 (zero-padded), side by side, against the contiguous row block of the padded input; 0.43-0.87x
 XLA's time where the output is no wider than the input (`rows_weight_grad_wins`).
 
+Tried and not kept: Winograd F(2x2, 3x3) and F(4x4, 3x3) for the 3x3 stride-1 convolutions
+(input / kernel / output transforms in XLA ops around one batched matrix product; backward by
+autodiff, input gradient as the same transform of the flipped kernel). Exact in real arithmetic
+(float32 error vs float64: F(2,3) 2e-7, F(4,3) 3e-6 of the output's max), but with XLA:CPU
+fusing the transforms it was slower than the direct convolution, which already runs near this
+CPU's peak (~170 GFLOP/s for 128 -> 128 at 256x256): forward 156 (F4) / 212 (F2) vs 114 ms
+there, 204 / 153 vs 55 ms for 128 -> 64, a win only for 256 -> 256 at 64x64 (25 vs 30 ms).
+
 Convolutions of a one-hot label map (`onehot_conv`, `Conv2d(x, labels=...)`): SPADE's shared
 modulation conv, the discriminator's first layer and the generators' label-map input convs see
 `one_hot(labels)` (151-183 channels, all but one zero per pixel). On CPU these are computed as
