@@ -41,6 +41,9 @@ def _leaves(state) -> dict:
 def test_tiny_run_writes_checkpoints_events_and_images(tiny_run):
     config, workdir, _, _ = tiny_run
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    # orbax's default layout, per-array metadata included (checkpoint.py swaps the array handler)
+    state_dir = os.path.join(workdir, "checkpoints", "4", "state")
+    assert os.listdir(os.path.join(state_dir, "array_metadatas")) == ["process_0"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     samples = sorted(os.listdir(os.path.join(workdir, "samples")))
     assert samples == ["step_0000002.png", "step_0000004.png"]

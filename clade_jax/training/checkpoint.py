@@ -22,6 +22,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+# orbax's own default jax.Array handler is built with this store (not exported publicly)
+from orbax.checkpoint._src.metadata import array_metadata_store
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -50,14 +53,21 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # tests' 8 host devices), each piece a dispatched slice op, compiled anew for each new shape: the
 # tiny test model's ~340 arrays took ~1.9 s per save, most of a short run (8 replicas, 2 CPUs).
 # Pieces under this size are written whole by replica 0; a pod still shares the big arrays.
+# The handler is otherwise orbax's default one (with its per-array metadata store), registered
+# once per process.
 MIN_REPLICA_SLICE_BYTES = 16 << 20
+_REGISTERED = [False]
 
 
 def _write_small_arrays_whole() -> None:
+    if _REGISTERED[0]:
+        return
     handler = ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
+        array_metadata_store=array_metadata_store.Store(),
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
     )
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    _REGISTERED[0] = True
 
 
 def make_manager(
