@@ -15,7 +15,8 @@
 * "after": this checkout, on 1 host device and on 8 (`--xla_force_host_platform_device_count`).
 * Every configuration runs with the convolutions the entry points choose (evaluate.py and
   train.py call `clade_jax.backend.configure_cpu_backend`: Eigen instead of jaxlib's default
-  YNNPACK, `--xla_cpu_experimental_ynn_fusion_type=`). Blocks in RESULTS.md before 2026-12-01
+  YNNPACK, `--xla_cpu_experimental_ynn_fusion_type=`; since 2026-12-01 19:30 also the
+  memory-minimizing scheduler). Blocks in RESULTS.md before 2026-12-01
   17:00 ran on jaxlib's default (YNNPACK), which runs Inception at about half the speed on this
   CPU (143 against 68-74 ms per image at batch 8).
 * Each configuration runs in its own process: a warm-up evaluate() of N images, then N and 2N;
@@ -119,9 +120,12 @@ def run(code: str, *, cwd: str, devices: int) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": cwd,
-        # The entry points' convolution choice (`clade_jax.backend.configure_cpu_backend`:
-        # Eigen, not jaxlib's default YNNPACK), which evaluate.py and train.py run with.
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {backend.YNN_FLAG}=",
+        # The entry points' CPU flags (`clade_jax.backend.configure_cpu_backend`: Eigen, not
+        # jaxlib's default YNNPACK, and the memory-minimizing scheduler), for old and new alike.
+        "XLA_FLAGS": " ".join(
+            [f"--xla_force_host_platform_device_count={devices}"]
+            + [f"{k}={v}" for k, v in backend.CPU_FLAGS.items()]
+        ),
         "JAX_PLATFORMS": "cpu",
         # The old evaluate() compiles at every call, the new one once per process (its programs
         # are cached in memory); the persistent cache makes the old code's timed calls load the

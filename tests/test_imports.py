@@ -169,14 +169,19 @@ def test_import_leaves_the_environment_alone(module):
     assert out.stdout.strip().splitlines()[-1] == "true", out.stdout + out.stderr
 
 
-def test_entry_points_choose_eigen_unless_told_not_to():
-    from clade_jax.backend import YNN_FLAG, configure_cpu_backend
+def test_entry_points_set_the_cpu_flags_unless_told_not_to():
+    from clade_jax.backend import SCHEDULER_FLAG, YNN_FLAG, configure_cpu_backend
 
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     assert configure_cpu_backend(env)
-    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {YNN_FLAG}="
+    assert env["XLA_FLAGS"] == (
+        f"--xla_force_host_platform_device_count=8 {YNN_FLAG}= {SCHEDULER_FLAG}=false"
+    )
     assert not configure_cpu_backend(env)  # idempotent
     mine = {"XLA_FLAGS": f"{YNN_FLAG}=default"}
-    assert not configure_cpu_backend(mine) and mine["XLA_FLAGS"] == f"{YNN_FLAG}=default"
+    assert configure_cpu_backend(mine)  # the user's choice of one flag is kept, the other added
+    assert mine["XLA_FLAGS"] == f"{YNN_FLAG}=default {SCHEDULER_FLAG}=false"
+    both = {"XLA_FLAGS": f"{YNN_FLAG}=default {SCHEDULER_FLAG}=true"}
+    assert not configure_cpu_backend(both) and both["XLA_FLAGS"].endswith("=true")
     keep = {"CLADE_JAX_KEEP_XLA_FLAGS": "1"}
     assert not configure_cpu_backend(keep) and "XLA_FLAGS" not in keep
