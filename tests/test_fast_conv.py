@@ -8,6 +8,8 @@ stride-1 layers take the fast path must have the same gradients as with the plai
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import jax
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from clade_jax.layers import conv as conv_lib
 from clade_jax.models.discriminator import MultiscaleDiscriminator
@@ -336,3 +339,65 @@ def test_clade_late_gathers_give_autodiffs_gradients(icpe):
     for (path, a), (_, b) in zip(fast, plain, strict=True):
         assert float(jnp.max(jnp.abs(b[...]))) > 0, path  # every parameter gets a gradient
         assert _rel(a[...], b[...]) < 1e-6, path
+
+
+def test_spade_backward_recomputes_the_shared_activation_with_autodiffs_gradients(monkeypatch):
+    """On CPU SPADE keeps gamma, not the 128-channel shared activation, for the backward pass
+    (it is recomputed from the labels), and its gradients are plain autodiff's; off CPU
+    (`plain_formulation`, the GPU / TPU program) the activation is kept."""
+    from clade_jax.layers import spade as spade_lib
+
+    rng = np.random.default_rng(8)
+    n, h, w, c, hidden = 2, 6, 5, 4, 24
+    layer = spade_lib.SPADE(c, 5, "instance", hidden=hidden, rngs=nnx.Rngs(2))
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 5, (n, h, w)), jnp.int32)
+    g = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    graphdef, params = nnx.split(layer)
+
+    def loss(params_, x_):
+        return jnp.sum(nnx.merge(graphdef, params_)(x_, labels) * g)
+
+    def activation_saved() -> bool:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(loss, params, x)  # a line per residual, "f32[2,6,5,24] ..."
+        assert out.getvalue().count("\n") >= 3
+        return f"[{n},{h},{w},{hidden}]" in out.getvalue()
+
+    grads_remat = jax.grad(loss, argnums=(0, 1))(params, x)
+    assert not activation_saved()
+    monkeypatch.setattr(spade_lib, "_modulate_recomputing", spade_lib._modulate)
+    assert activation_saved()  # without the remat it is kept: the check above can fail
+    grads_plain = jax.grad(loss, argnums=(0, 1))(params, x)
+    monkeypatch.undo()
+    with conv_lib.plain_formulation():
+        assert activation_saved()
+    leaves_remat, leaves_plain = jax.tree.leaves(grads_remat), jax.tree.leaves(grads_plain)
+    assert len(leaves_remat) == len(leaves_plain) >= 7  # x, 3 kernels, 3 biases
+    for a, b in zip(leaves_remat, leaves_plain, strict=True):
+        assert float(jnp.max(jnp.abs(b))) > 0
+        assert _rel(a, b) < 1e-6
+
+
+def test_donated_kernels_are_updated_in_place_without_a_copy():
+    """The CPU backward's weight gradient follows its input gradient (`after`), so XLA can
+    update a donated kernel in place: no copy of any parameter is kept for the update (with
+    the plain weight gradient it copied every kernel whose input gradient is needed)."""
+
+    def loss(ws, x):
+        for w in ws:
+            x = jax.nn.relu(conv_lib.conv2d(x, w, padding=1, weight_grad="taps"))
+        return jnp.sum(x**2)
+
+    def step(ws, x):
+        return [w - 0.1 * g for w, g in zip(ws, jax.grad(loss)(ws, x), strict=True)]
+
+    ws = [jnp.full((3, 3, 16, 16), 0.01 * (i + 1), jnp.float32) for i in range(4)]
+    x = jnp.ones((1, 8, 8, 16), jnp.float32)
+    text = jax.jit(step, donate_argnums=0).lower(ws, x).compile().as_text()
+    text = text[text.index("\nENTRY") :]
+    params = re.findall(r"%(\S+) = f32\[3,3,16,16\]\S* parameter\(", text)
+    assert len(params) == 4
+    copied = [p for p in params if re.search(rf"copy\(%{re.escape(p)}\)", text)]
+    assert copied == []
