@@ -17,9 +17,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from clade_jax.configs import synthetic
 from clade_jax.data import make_train_iterator
 from clade_jax.training import checkpoint, train_and_evaluate
-from clade_jax.training.loop import check_finite, make_mesh, shard_batch
+from clade_jax.training.loop import abstract_batch, check_finite, make_mesh, shard_batch
 from clade_jax.training.state import GANState, lr_factor
 from clade_jax.training.step import (
+    MODEL_INPUTS,
     discriminator_losses,
     generate,
     generator_losses,
@@ -390,15 +391,23 @@ def test_one_training_step_with_vae_instance_maps_and_icpe():
     mesh = make_mesh(jax.devices()[:1])
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    batch = next(
-        make_train_iterator(config.data, global_batch_size=4, process_index=0, process_count=1)
+    make_iterator = lambda: make_train_iterator(
+        config.data, global_batch_size=4, process_index=0, process_count=1
     )
-    assert {"instance", "icpe"} <= set(batch)
+    iterator = make_iterator()
+    spec = abstract_batch(iterator, batch_sharding)  # the trainer compiles from these shapes
+    batch = next(iterator)
+    for k, v in next(make_iterator()).items():  # abstract_batch left the iterator where it was
+        np.testing.assert_array_equal(batch[k], v)
+    assert {"instance", "icpe"} <= set(batch) and set(spec) == set(batch) & set(MODEL_INPUTS)
     graphdef, state = nnx.split(GANState(config, 16, rngs=nnx.Rngs(0)))
     before = _leaves(state)
     step = make_train_step(
         graphdef, config, jax.tree.map(lambda _: replicated, state), batch_sharding
     )
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+    # compiled from shapes alone, as the trainer does; the real arguments must then fit it
+    step.compile(jax.tree.map(abstract, state), spec, jnp.int32(0), jax.random.key(0), None)
     after, metrics = step(
         state, shard_batch(batch, batch_sharding), jnp.int32(0), jax.random.key(0), None
     )
@@ -469,6 +478,7 @@ def _poisoned_step(monkeypatch, bad_from: int, metric: str = "D_real"):
                 metrics = {**metrics, metric: jnp.float32(jnp.nan)}
             return state, metrics
 
+        step.compile = fn.compile
         return step
 
     monkeypatch.setattr(loop, "make_train_step", make)

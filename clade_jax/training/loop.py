@@ -53,6 +53,21 @@ def shard_batch(batch: dict, sharding: NamedSharding) -> dict:
     return runtime.shard_batch(batch, sharding, MODEL_INPUTS)
 
 
+def abstract_batch(iterator, sharding: NamedSharding) -> dict:
+    """Shapes and dtypes of the global batches that `shard_batch` makes from `iterator`'s, as
+    `jax.ShapeDtypeStruct`s with `sharding`; reads one batch and puts the iterator back."""
+    position = iterator.get_state()
+    local = next(iterator)
+    iterator.set_state(position)
+    n = jax.process_count()
+    out = {}
+    for k, v in local.items():
+        if k in MODEL_INPUTS:
+            dtype = jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)
+            out[k] = jax.ShapeDtypeStruct((v.shape[0] * n, *v.shape[1:]), dtype, sharding=sharding)
+    return out
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -106,6 +121,17 @@ def train_and_evaluate(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    # Compiled from shapes before the state exists (see `make_train_step`).
+    step_fn = make_train_step(graphdef, config, state_sharding, batch_sharding)
+    step_fn.compile(
+        jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state
+        ),
+        abstract_batch(iterator, batch_sharding),
+        jnp.int32(0),
+        train_key,
+        vgg,
+    )
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
     if manager.latest_step() is not None:
         state, iterator, start = checkpoint.restore(manager, abstract_state, replicated, iterator)
@@ -127,7 +153,6 @@ def train_and_evaluate(
     )
 
     release_host_memory()  # what building the state freed (clade_jax.training.memory)
-    step_fn = make_train_step(graphdef, config, state_sharding, batch_sharding)
     sample_fn = jax.jit(lambda s, b, k: sample_train_mode(graphdef, s, b, k))
     writer = runtime.create_writer(workdir)
     if start == 0:
