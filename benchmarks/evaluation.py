@@ -189,8 +189,9 @@ def main() -> None:
         textwrap.fill(
             f"`python benchmarks/evaluation.py --images {n} --batch {args.batch}` "
             f"(old = {sha[:10]}): synthetic generator ngf 16 at 64x64, pytorch-fid Inception on "
-            "the synthesized and the real images, builtin U-Net (16/32/64) on both, XLA:CPU's "
-            "Eigen convolutions (the entry points' choice) in every process. Per process: "
+            "the synthesized and the real images, builtin U-Net (16/32/64) on both, the entry "
+            "points' XLA:CPU flags (Eigen convolutions, memory-minimizing scheduler) in every "
+            "process. Per process: "
             f"a warm-up evaluate() of {n} images, then {n} and {2 * n}; images/s = {n} / (time "
             f"of {2 * n} - time of {n}), so compilation and set-up cancel. Peak RSS after the "
             f"{n}- and the {2 * n}-image calls. Load average {load0[0]:.2f} at start, "

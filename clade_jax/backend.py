@@ -14,9 +14,11 @@ conftest call it first.
 * `--xla_cpu_enable_concurrency_optimized_scheduler=false`: XLA:CPU orders a program's
   instructions with its memory-minimizing (depth-first) scheduler instead of the breadth-first
   one that exposes concurrency between independent instructions. The full-size training step's
-  temporaries (`compiled.memory_analysis()`, batch 1): CLADE 0.93 -> 0.67 GB, SPADE 1.81 -> 1.05
-  GB; the process's peak while stepping CLADE 2.47 -> 2.25 GB; step time within the run-to-run
-  spread (4.48-5.02 s default vs 4.22-4.67 s, alternating; benchmarks/RESULTS.md). On 2 cores the
+  temporaries (`compiled.memory_analysis()`, batch 1): CLADE 0.925 -> 0.717 GB, SPADE 1.747 ->
+  1.155 GB from this flag alone (0.666 / 1.054 GB with `conv`'s in-place kernel updates); the
+  process's resident set while stepping CLADE 2.47 -> 2.25 GB; step time within the run-to-run
+  spread (CLADE b1 4.48-5.02 s default vs 4.22-4.67 s, alternating `benchmarks/training.py
+  --child clade,1` runs; benchmarks/RESULTS.md). On 2 cores the
   convolutions' own thread pool already keeps both busy.
 
 The flags affect only the CPU backend and only take effect before JAX initialises its backends
