@@ -74,9 +74,17 @@ def test_taps_weight_grad_equals_xla(n, h, w, c, o, k, stride, padding):
         dx_rows, dw_rows = _grads("rows", x, kern, stride, padding, g)
         assert _rel(dx_rows, dx_ref) < 1e-6
         assert _rel(dw_rows, expect) < 1e-5
+        # the im2col-block form: also with several blocks (one output row each)
+        for block in (conv_lib.PATCHES_BLOCK_ELEMENTS, 1):
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(conv_lib, "PATCHES_BLOCK_ELEMENTS", block)
+                dx_p, dw_p = _grads("patches", x, kern, stride, padding, g)
+            assert _rel(dx_p, dx_ref) < 1e-6
+            assert _rel(dw_p, expect) < 1e-5
     else:
-        with pytest.raises(ValueError, match="stride 1"):
-            conv_lib.conv2d(x, kern, stride=stride, padding=padding, weight_grad="rows")
+        for mode in ("rows", "patches"):
+            with pytest.raises(ValueError, match="stride 1"):
+                conv_lib.conv2d(x, kern, stride=stride, padding=padding, weight_grad=mode)
 
 
 def test_taps_weight_grad_in_bfloat16():
@@ -126,6 +134,25 @@ def test_auto_takes_the_taps_path_only_on_cpu_and_only_where_it_wins(monkeypatch
         assert calls == [1]
     assert conv_lib.weight_grad_formulation((1, 64, 64, 256), (3, 3, 256, 128), 1) == "rows"
     assert conv_lib.weight_grad_formulation((1, 64, 64, 256), (3, 3, 256, 512), 1) == "xla"
+    # SPADE's modulation convolutions (128 input channels) on 64x64 and larger grids: im2col
+    # blocks; not for wide inputs, narrow outputs, stride 2 or small grids
+    formulation = conv_lib.weight_grad_formulation
+    assert formulation((1, 256, 256, 128), (3, 3, 128, 64), 1) == "patches"
+    assert formulation((1, 64, 64, 128), (3, 3, 128, 512), 1) == "patches"
+    assert formulation((1, 256, 256, 64), (3, 3, 64, 64), 1) == "patches"
+    assert formulation((1, 256, 256, 64), (3, 3, 64, 3), 1) == "rows"
+    assert formulation((1, 64, 64, 64), (3, 3, 64, 64), 1) == "rows"
+    assert formulation((1, 128, 128, 256), (3, 3, 256, 128), 1) == "rows"
+    assert formulation((1, 256, 256, 128), (3, 3, 128, 128), 2) == "xla"
+    calls = []
+    original = conv_lib.patches_weight_grad
+    with monkeypatch.context() as m:
+        m.setattr(conv_lib, "patches_weight_grad", lambda *a: calls.append(1) or original(*a))
+        spade_mod = (jnp.zeros((1, 64, 64, 128)), jnp.zeros((3, 3, 128, 256)))
+        jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(conv_lib.conv2d(x, w, padding=1)), argnums=1))(
+            *spade_mod
+        )
+        assert calls == [1]
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert not _uses_taps(monkeypatch, conv(1), *wide)  # the ordinary path on GPU / TPU
     with pytest.raises(ValueError, match="weight_grad"):

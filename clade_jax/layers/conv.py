@@ -100,7 +100,7 @@ def xavier_normal(gain: float = XAVIER_GAIN):
 
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-WEIGHT_GRAD_MODES = ("auto", "xla", "taps", "rows")
+WEIGHT_GRAD_MODES = ("auto", "xla", "taps", "rows", "patches")
 _PLAIN = [False]  # set by `plain_formulation()`
 
 
@@ -187,6 +187,50 @@ def rows_weight_grad(x: jnp.ndarray, g: jnp.ndarray, kernel_size: int, padding: 
     return jnp.stack(rows).astype(x.dtype)
 
 
+# Elements of one im2col block of `patches_weight_grad` (4 MiB of float32): the row chunk is the
+# largest that keeps its block within this. Measured on the full-size generators' shapes
+# (benchmarks/convs.py): blocks of 0.5-1k output pixels x 9 * 128 taps-channels (128 channels)
+# or 1k x 9 * 64 ran fastest; whole-image blocks were 1.3-1.9x slower and need the whole im2col.
+PATCHES_BLOCK_ELEMENTS = 1 << 20
+
+
+def patches_weight_grad(
+    x: jnp.ndarray, g: jnp.ndarray, kernel_size: int, padding: int
+) -> jnp.ndarray:
+    """The filter gradient of a stride-1 `_plain_conv` as im2col blocks times output gradients.
+
+    `dW = sum_blocks cols_b^T (M_b, k*k*C) @ g_b (M_b, O)` where block b is a chunk of output
+    rows (all images), `cols_b` its im2col matrix (the k*k shifted windows of the padded input,
+    side by side on the channel axis) and `g_b` the same rows of the output gradient: the same
+    sum as the convolution's filter gradient in real arithmetic, as one wide matrix product per
+    block (a `fori_loop`, so one block of at most `PATCHES_BLOCK_ELEMENTS` is alive at a time).
+
+    x: (N, H, W, C); g: (N, H', W', O) -> (k, k, C, O) in x's dtype (accumulated in float32).
+    """
+    k, p = kernel_size, padding
+    n, ho, wo, o = g.shape
+    c = x.shape[3]
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))  # (N, H' + k - 1, W' + k - 1, C)
+    per_row = n * wo * k * k * c
+    rows = max(
+        r
+        for r in range(1, ho + 1)
+        if ho % r == 0 and (r == 1 or r * per_row <= PATCHES_BLOCK_ELEMENTS)
+    )
+
+    def block(b, acc):
+        r0 = b * rows
+        xs = jax.lax.dynamic_slice_in_dim(xp, r0, rows + k - 1, axis=1)
+        cols = jnp.concatenate(
+            [xs[:, i : i + rows, j : j + wo, :] for i in range(k) for j in range(k)], axis=-1
+        ).reshape(n * rows * wo, k * k * c)  # (M_b, k*k*C), taps (i, j) major
+        gb = jax.lax.dynamic_slice_in_dim(g, r0, rows, axis=1).reshape(n * rows * wo, o)
+        return acc + jnp.einsum("mq,mo->qo", cols, gb, preferred_element_type=jnp.float32)
+
+    dw = jax.lax.fori_loop(0, ho // rows, block, jnp.zeros((k * k * c, o), jnp.float32))
+    return dw.reshape(k, k, c, o).astype(x.dtype)
+
+
 def after(value: jnp.ndarray, anchor: jnp.ndarray) -> jnp.ndarray:
     """`value`, computed only once `anchor` is: the same numbers, with a data dependency.
 
@@ -222,6 +266,8 @@ def _conv_cpu_bwd(stride, padding, weight_grad, residuals, g):
         dw = taps_weight_grad(x, g, w.shape[0], stride, padding).astype(w.dtype)
     elif weight_grad == "rows":
         dw = rows_weight_grad(x, g, w.shape[0], padding).astype(w.dtype)
+    elif weight_grad == "patches":
+        dw = patches_weight_grad(x, g, w.shape[0], padding).astype(w.dtype)
     else:
         _, weight_vjp = jax.vjp(lambda w_: _plain_conv(x, w_, stride, padding), w)
         (dw,) = weight_vjp(g)
@@ -277,9 +323,33 @@ LATE_KERNEL_BYTES = 1 << 20
 LATE_INPUT_BYTES = 4 << 20
 
 
+def patches_weight_grad_wins(x_shape, w_shape, stride: int) -> bool:
+    """Where `patches_weight_grad` beats XLA:CPU's filter gradient and `rows_weight_grad`.
+
+    Measured 2026-12-01 on the full-size generators' shapes at batch 1 (median of 5 jitted
+    calls, one process; ms, XLA / rows / patches): SPADE's modulation convolutions 128 -> 128 at
+    256x256 284 / 251 / 155, 128 -> 64 at 256x256 233 / 152 / 118, 128 -> 256 at 128x128
+    105 / 135 / 69, 128 -> 128 at 128x128 80 / 67 / 37-41, 128 -> 512 at 64x64 36-44 / 63 / 28-30,
+    128 -> 256 at 64x64 29 / 20 / 17; the 64 -> 64 convolution at 256x256 131 / 96 / 60-71. It
+    lost where the input is wide (256 -> 128 at 128x128: 142 / 108 / 91-126; 512 -> 256 at 64x64
+    105 / 78 / 91-117: the im2col block gets k*k*C wide), for narrow outputs (64 -> 3: 81 / 13 /
+    38-48) and on small grids (64 -> 64 at 64x64: rows 2.9 vs 4.1-4.5; at 32x32 it ties taps).
+    """
+    k, _, c, o = w_shape
+    return (
+        stride == 1
+        and k > 1
+        and c <= 128
+        and o >= 64
+        and c * x_shape[1] * x_shape[2] >= (128 * 64 * 64)
+    )
+
+
 def weight_grad_formulation(x_shape, w_shape, stride: int) -> str:
-    """The filter-gradient form `conv2d(weight_grad="auto")` uses on CPU: "taps", "rows" or
-    "xla" (XLA's own), each where it measured fastest (see the two rules)."""
+    """The filter-gradient form `conv2d(weight_grad="auto")` uses on CPU: "patches", "taps",
+    "rows" or "xla" (XLA's own), each where it measured fastest (see the three rules)."""
+    if patches_weight_grad_wins(x_shape, w_shape, stride):
+        return "patches"
     if taps_weight_grad_wins(x_shape, w_shape, stride):
         return "taps"
     if rows_weight_grad_wins(x_shape, w_shape, stride):
@@ -294,13 +364,13 @@ def conv2d(
 
     weight_grad: "auto" (on the CPU backend the form `weight_grad_formulation` picks for the
     shape, with the late-kernel input gradient; XLA's own autodiff on every other backend),
-    "xla" (XLA's own), "taps" or "rows" (stride 1). The forward is the same in all of them.
+    "xla" (XLA's own), "taps", "rows" or "patches" (stride 1). The forward is the same in all.
     """
     if weight_grad not in WEIGHT_GRAD_MODES:
         raise ValueError(f"weight_grad must be one of {WEIGHT_GRAD_MODES}, got {weight_grad!r}")
-    if weight_grad == "rows" and stride != 1:
-        raise ValueError(f"weight_grad='rows' needs stride 1, got stride {stride}")
-    if weight_grad in ("taps", "rows"):
+    if weight_grad in ("rows", "patches") and stride != 1:
+        raise ValueError(f"weight_grad={weight_grad!r} needs stride 1, got stride {stride}")
+    if weight_grad in ("taps", "rows", "patches"):
         return _conv_cpu(x, w, stride, padding, weight_grad)
     if weight_grad == "auto" and cpu_fast_path():
         formulation = weight_grad_formulation(x.shape, w.shape, stride)
