@@ -7,7 +7,8 @@ multiscale discriminator at `--batch` images of `--size`^2 (the discriminator se
 [fake; real]), captured by tracing one forward of each network. For each distinct convolution
 it times, in one process and alternating: the forward, the input gradient, XLA's own weight
 gradient, `clade_jax.layers.conv.taps_weight_grad` (the tap-wise matrix-product form) and, for
-stride 1, `rows_weight_grad` (one matrix product per kernel row, the output gradient shifted);
+stride 1, `rows_weight_grad` (one matrix product per kernel row, the output gradient shifted)
+and `patches_weight_grad` (a loop of im2col blocks, each one matrix product);
 it reports the ratios to XLA and which form `weight_grad_formulation` (the rule that
 `conv2d(weight_grad="auto")` uses on CPU) picks for that shape. The convolutions of
 one-hot label maps (SPADE's shared conv, the discriminator's first layer, the generators' `fc`)
@@ -116,6 +117,9 @@ def bench_shape(x_shape, w_shape, stride, padding, repeats, rng):
         fns["dw_rows"] = jax.jit(
             lambda a, b, gy: conv_lib.rows_weight_grad(a, gy, b.shape[0], padding)
         )
+        fns["dw_patches"] = jax.jit(
+            lambda a, b, gy: conv_lib.patches_weight_grad(a, gy, b.shape[0], padding)
+        )
     args = {k: (x, w) if k == "fwd" else (x, w, g) for k in fns}
     ref = fns["dw_xla"](x, w, g)
     err = max(
@@ -157,7 +161,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     header = (
         f"{'x shape':>20} {'kernel':>18} s p | {'fwd':>8} {'dx':>8} {'dw xla':>9} "
-        f"{'dw taps':>8} {'dw rows':>8} {'taps/xla':>8} {'rows/xla':>8} auto  rel.err  where"
+        f"{'dw taps':>8} {'dw rows':>8} {'dw patch':>8} {'taps/xla':>8} {'rows/xla':>8} "
+        f"{'ptch/xla':>8} auto    rel.err  where"
     )
     lines = [header]
     print(header, flush=True)
@@ -169,14 +174,16 @@ def main() -> None:
         auto = conv_lib.weight_grad_formulation(xs, ws, s)
         total["xla"] += t["dw_xla"]
         total["auto"] += t["dw_" + auto]
-        rows = t.get("dw_rows")
+        rows, patches = t.get("dw_rows"), t.get("dw_patches")
         line = (
             f"{str(xs):>20} {str(ws):>18} {s} {p} | {t['fwd'] * 1e3:7.1f}m {t['dx'] * 1e3:7.1f}m "
             f"{t['dw_xla'] * 1e3:8.1f}m {t['dw_taps'] * 1e3:7.1f}m "
             + (f"{rows * 1e3:7.1f}m " if rows else f"{'-':>8} ")
+            + (f"{patches * 1e3:7.1f}m " if patches else f"{'-':>8} ")
             + f"{t['dw_taps'] / t['dw_xla']:8.3f} "
             + (f"{rows / t['dw_xla']:8.3f} " if rows else f"{'-':>8} ")
-            + f"{auto:4} {err:8.1e}  {', '.join(sorted(where))}"
+            + (f"{patches / t['dw_xla']:8.3f} " if patches else f"{'-':>8} ")
+            + f"{auto:7} {err:8.1e}  {', '.join(sorted(where))}"
         )
         lines.append(line)
         print(line, flush=True)

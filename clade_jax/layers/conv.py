@@ -58,6 +58,14 @@ matrix product per kernel row: the output gradient shifted along the width by ea
 (zero-padded), side by side, against the contiguous row block of the padded input; 0.43-0.87x
 XLA's time where the output is no wider than the input (`rows_weight_grad_wins`).
 
+Im2col-block weight gradient (`patches_weight_grad`, stride 1): for the convolutions with at most
+128 input channels on 64x64 and larger grids (SPADE's 128 -> C modulation convolutions, the
+generator's 256x256 layers) the filter gradient is a loop over blocks of output rows, each one
+matrix product of the block's im2col matrix (k*k*C wide, at most 4 MiB) with the same rows of the
+output gradient: 0.45-0.8x XLA's time and 0.55-0.8x the row-shift form's there
+(`patches_weight_grad_wins`). It also holds less: the full-size SPADE step's temporaries went
+from 0.962 to 0.769 GB at batch 1 (the row-shift form's k shifted output gradients are gone).
+
 Tried and not kept: Winograd F(2x2, 3x3) and F(4x4, 3x3) for the 3x3 stride-1 convolutions
 (input / kernel / output transforms in XLA ops around one batched matrix product; backward by
 autodiff, input gradient as the same transform of the flipped kernel). Exact in real arithmetic
