@@ -62,7 +62,7 @@ Im2col-block weight gradient (`patches_weight_grad`, stride 1): for the convolut
 128 input channels on 64x64 and larger grids (SPADE's 128 -> C modulation convolutions, the
 generator's 256x256 layers) the filter gradient is a loop over blocks of output rows, each one
 matrix product of the block's im2col matrix (k*k*C wide, at most 4 MiB) with the same rows of the
-output gradient: 0.45-0.8x XLA's time and 0.55-0.8x the row-shift form's there
+output gradient: 0.46-0.83x XLA's time and 0.45-0.83x the row-shift form's there
 (`patches_weight_grad_wins`). It also holds less: the full-size SPADE step's temporaries went
 from 0.962 to 0.769 GB at batch 1 (the row-shift form's k shifted output gradients are gone).
 
@@ -198,7 +198,7 @@ def rows_weight_grad(x: jnp.ndarray, g: jnp.ndarray, kernel_size: int, padding: 
 # Elements of one im2col block of `patches_weight_grad` (4 MiB of float32): the row chunk is the
 # largest that keeps its block within this. Measured on the full-size generators' shapes
 # (benchmarks/convs.py): blocks of 0.5-1k output pixels x 9 * 128 taps-channels (128 channels)
-# or 1k x 9 * 64 ran fastest; whole-image blocks were 1.3-1.9x slower and need the whole im2col.
+# or 1k x 9 * 64 ran fastest; blocks of 8k pixels were 1.35-1.9x slower.
 PATCHES_BLOCK_ELEMENTS = 1 << 20
 
 
