@@ -437,7 +437,7 @@ def test_periodic_evaluation_reuses_its_evaluators_and_the_compiled_program(
     shutil.copytree(vivid, workdir, ignore=shutil.ignore_patterns("eval"))
     config = checkpoint.load_config(workdir)
     init = jax.jit(lambda key: nnx.split(GANState(config, 16, rngs=nnx.Rngs(key)))[1])
-    state = init(jax.random.key(1, impl="rbg"))  # other weights, the same architecture
+    state = init(runtime.init_key(1))  # other weights, the same architecture (and program)
     kernel = state["gen"]["g"]["conv_img"]["kernel"]
     kernel.set_value(kernel[...] * 4.0)
     manager = checkpoint.make_manager(workdir, with_data=False)

@@ -18,8 +18,8 @@ with the papers' tables.
 * `segmentation_loss`, `train_step`: pure functions (cross-entropy with the don't-care label
   ignored; the step takes and returns a `SegState` pytree and is jit-compiled once, state donated).
 * `train_segmenter(config, workdir)`: the loop on the shared training runtime
-  (`clade_jax.training.runtime` and `.checkpoint`: one data-parallel mesh over all devices, the
-  rbg init key, orbax checkpoints of the state and the data iterator, resume by default,
+  (`clade_jax.training.runtime` and `.checkpoint`: one data-parallel mesh over all devices,
+  `runtime.init_key`, orbax checkpoints of the state and the data iterator, resume by default,
   config.json, TensorBoard scalars, the NaN check, SIGTERM agreed across processes, progress
   lines / bar), ending with an evaluation on the validation split.
 * `load_segmenter(workdir)`: the latest checkpoint as a jit-compiled `Segmenter`.
@@ -343,7 +343,7 @@ def evaluate_segmenter(
 
 
 def init_rngs(seed: int) -> nnx.Rngs:
-    """Initialisation randomness: `runtime.init_key` (rbg, compiles ~5x faster than threefry)."""
+    """Initialisation randomness: `runtime.init_key` (compiles ~5x faster than threefry)."""
     return nnx.Rngs(runtime.init_key(seed))
 
 

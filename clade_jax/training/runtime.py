@@ -2,7 +2,8 @@
 
 * `make_mesh`, `shard_batch`: one data-parallel mesh over every device of every process, and
   process-local numpy batches made global arrays sharded along it.
-* `init_key`: the initialisation key ("rbg": its init compiles ~4x faster than threefry's).
+* `init_key`: the initialisation key (`init_prng`'s hash generator: the init compiles 2x faster
+  than with XLA's RngBitGenerator, ~5x faster than with threefry).
 * `create_writer`: TensorBoard event files written with `tensorboardX` (no TensorFlow): scalars,
   images (uint8 HWC or NHWC) and hyperparameters under the tags given, by process 0 only.
 * `Preemption`: SIGTERM turns into a stop that every process agrees on. One process: a Python
@@ -32,6 +33,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from clade_jax.training import init_prng
+
 log = logging.getLogger(__name__)
 
 
@@ -57,13 +60,17 @@ def shard_batch(batch: Mapping[str, Any], sharding: NamedSharding, keys: Iterabl
 def init_key(seed: int) -> jax.Array:
     """The key that initialises a network's parameters.
 
-    XLA's RngBitGenerator ("rbg") instead of the default (partitionable) threefry: with threefry
-    every parameter shape compiles its own expansion program (1-3 s each on a 2-core CPU, 13 s for
-    the tiny segmenter); rbg compiles ~4-5x faster. The weights then depend on the backend, which
-    does not matter for a network that is trained and checkpointed. Training randomness (dropout,
-    the VAE's noise) keeps the default PRNG.
+    `clade_jax.training.init_prng.IMPL`, a counter-based hash generator, instead of the default
+    threefry: with threefry every parameter shape compiles its own unrolled 20-round sampler
+    (1-3 s each on a 2-core CPU), with XLA's RngBitGenerator ("rbg", used here until
+    2026-12-02) each still expands into a ~3k-line program; the init of the full-size ADE20k
+    CLADE GAN compiles in 5.9 s with the hash against 12.5 s with rbg and 18.9 s with threefry
+    (`benchmarks/init_compile.py`). The weights differ from
+    a threefry initialisation's (same distributions), which does not matter for a network that
+    is trained and checkpointed. Training randomness (dropout, the VAE's noise) keeps the
+    default PRNG.
     """
-    return jax.random.key(seed, impl="rbg")
+    return jax.random.key(seed, impl=init_prng.IMPL)
 
 
 # ----------------------------------------------------------------------------- checks
