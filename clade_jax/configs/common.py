@@ -247,6 +247,10 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
     c.model.ngf = 4
     c.model.ndf = 8
     c.model.n_layers_D = 3
+    # One discriminator scale: the training step compiles 21% faster (15.3 against 19.4 s on 2
+    # cores); the multiscale discriminator keeps its own tests (parity with the official one,
+    # the CPU fast path on 2 and 3 scales).
+    c.model.num_D = 1
     c.model.z_dim = 16
     c.loss.lambda_vgg = 0.0
     c.batch_size = 8  # divisible by the 8 host devices the tests use
