@@ -103,4 +103,6 @@ def test_switchable_one_device_and_eight_devices_agree():
     the CPU's fast convolution paths, as training runs): every leaf after it, the gradients in
     its Adam state among them. The loss functions' separate gradients (test_training.py's
     check for the default norm) are not recompiled here: ~50 s of compilation."""
-    _one_vs_eight_devices(synthetic.get_config("tiny,pfn=switchable"), loss_gradients=False)
+    config = synthetic.get_config("tiny,pfn=switchable")
+    config.model.num_D = 2  # as test_training's 1-vs-8 check (the tiny default has one scale)
+    _one_vs_eight_devices(config, loss_gradients=False)

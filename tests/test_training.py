@@ -173,9 +173,11 @@ def _close(a, b, tol: float, scale=None) -> bool:
 
 
 def one_config():
-    """The tiny config with an EMA generator (decay 0.5: one step moves it visibly)."""
+    """The tiny config with an EMA generator (decay 0.5: one step moves it visibly) and the
+    two-scale discriminator (the tiny default has one): both scales' gradients are compared."""
     config = tiny("ema")
     config.ema_decay = 0.5
+    config.model.num_D = 2
     return config
 
 
