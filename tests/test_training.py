@@ -89,11 +89,10 @@ def _recondition(model) -> None:
         nnx.update(model.g_ema, jax.tree.map(jnp.copy, nnx.state(model.gen.g)))
 
 
-def _sharded_step_outputs(config, devices, batch, *, loss_gradients: bool = True):
+def _sharded_step_outputs(config, devices, batch):
     """On a mesh of `devices`, from the same reconditioned initial state: the G and D gradients
     and losses of the step's loss functions (`jax.grad` of `generator_losses` /
-    `discriminator_losses`, inputs sharded as in training), the buffers after that G forward
-    (not with `loss_gradients=False`: then only the step, whose Adam state holds its gradients),
+    `discriminator_losses`, inputs sharded as in training), the buffers after that G forward,
     and the state and metrics after one full `train_step`."""
     mesh = make_mesh(devices)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -119,18 +118,18 @@ def _sharded_step_outputs(config, devices, batch, *, loss_gradients: bool = True
         )(m.d)
         return g_grads, d_grads, {**g_parts, **d_parts}, buffers
 
-    out = {}
-    if loss_gradients:
-        g_grads, d_grads, parts, buffers = grads(state, batch)
-        out.update(G=_leaves(g_grads), D=_leaves(d_grads), parts=parts, buffers=_leaves(buffers))
+    g_grads, d_grads, parts, buffers = grads(state, batch)
     before = _leaves(state)  # the step donates `state`
     shardings = jax.tree.map(lambda _: replicated, state)
     step = make_train_step(graphdef, config, shardings, batch_sharding)
     after, metrics = step(state, batch, jnp.int32(0), jax.random.key(0), None)
     return {
-        **out,
         "before": before,
         "state": (graphdef, after),
+        "G": _leaves(g_grads),
+        "D": _leaves(d_grads),
+        "parts": parts,
+        "buffers": _leaves(buffers),
         "after": _leaves(after),
         "metrics": metrics,
     }
@@ -198,16 +197,14 @@ def test_one_device_and_eight_devices_agree(one_and_eight):
     _assert_one_and_eight_agree(*one_and_eight)
 
 
-def _one_vs_eight_devices(config, *, loss_gradients: bool = True) -> None:
-    """`_assert_one_and_eight_agree` for `config` (its own two runs; `loss_gradients=False`:
-    the step alone, see `_sharded_step_outputs`)."""
+def _one_vs_eight_devices(config) -> None:
+    """`_assert_one_and_eight_agree` for `config` (its own two runs)."""
     assert jax.device_count() >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     batch = next(
         make_train_iterator(config.data, global_batch_size=8, process_index=0, process_count=1)
     )
-    kw = dict(loss_gradients=loss_gradients)
-    one = _sharded_step_outputs(config, jax.devices()[:1], batch, **kw)
-    eight = _sharded_step_outputs(config, jax.devices()[:8], batch, **kw)
+    one = _sharded_step_outputs(config, jax.devices()[:1], batch)
+    eight = _sharded_step_outputs(config, jax.devices()[:8], batch)
     _assert_one_and_eight_agree(config, one, eight)
 
 
@@ -219,19 +216,44 @@ def _assert_one_and_eight_agree(config, one, eight) -> None:
     devices instead of averaged, or any other scale, fail here); BatchNorm / spectral buffers
     after the forward; and after one `train_step` every leaf of the state — G, D, both Adam
     states (whose first moment is the gradient itself with beta1 = 0), counters and buffers —
-    except `cancelled_biases` (asserted to carry no gradient, see there). Without the loss
-    functions' gradients (`loss_gradients=False`), the step's: its Adam first moments are compared
-    leaf by leaf like every other leaf and each must be non-zero.
+    except `cancelled_biases` (asserted to carry no gradient, see there).
     """
     assert config.optim.beta1 == 0.0  # then the Adam state's mu is (1 - beta1) * g = g
+    for k in one["parts"]:
+        assert _close(one["parts"][k], eight["parts"][k], 1e-5, max(abs(one["parts"][k]), 1e-3)), k
     assert one["metrics"].keys() >= {"G_GAN", "D_Fake", "D_real", "G_total", "D_total"}
     for k in one["metrics"]:
         m1, m8 = one["metrics"][k], eight["metrics"][k]
         assert _close(m1, m8, 1e-5, max(abs(float(m1)), 1e-3)), k
 
     excluded = cancelled_biases(config)
-    if "G" in one:  # the loss functions' own gradients, losses and buffers
-        _assert_loss_gradients_agree(excluded, one, eight)
+    grad_names = {f"gen/{k}" for k in one["G"]} | {f"d/{k}" for k in one["D"]}
+    assert set(excluded) <= grad_names
+    for net in ("G", "D"):
+        g1, g8 = one[net], eight[net]
+        assert g1.keys() == g8.keys() and len(g1) > 10
+        prefix = "gen/" if net == "G" else "d/"
+        total = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in g1.values()))
+        assert total > 0
+        live = {k for k in g1 if prefix + k not in excluded}
+        # The excluded leaves are what their reason says: no gradient beyond rounding noise.
+        for k in set(g1) - live:
+            assert np.linalg.norm(g1[k]) <= 1e-6 * total, (k, excluded[prefix + k])
+        # Every other leaf carries a gradient (a layer whose gradient wrongly vanished fails)
+        # and agrees leaf by leaf; absent classes' table rows are exactly zero on both.
+        for k in live:
+            assert np.linalg.norm(g1[k]) > 1e-6 * total, f"{net} {k}: no gradient"
+            assert _close(g1[k], g8[k], 1e-5), f"{net} {k}"
+        diff = np.sqrt(sum(np.sum(np.square(g1[k] - g8[k], dtype=np.float64)) for k in live))
+        assert diff <= 1e-5 * total, net
+
+    b1, b8 = one["buffers"], eight["buffers"]
+    assert [k for k in b1 if "running" in k] and [k for k in b1 if k.endswith("/u")]
+    for k in b1:
+        # A batch mean is accurate relative to the data's spread, not to itself (it is near 0):
+        # running means are compared on the scale of their layer's running standard deviation.
+        scale = np.sqrt(b1[k.replace("running_mean", "running_var")]) if "mean" in k else b1[k]
+        assert _close(b1[k], b8[k], 1e-5, np.linalg.norm(scale)), k
 
     s1, s8 = one["after"], eight["after"]
     assert s1.keys() == s8.keys()
@@ -283,14 +305,6 @@ def _assert_one_and_eight_agree(config, one, eight) -> None:
             assert np.all(np.abs(s1[k] - s8[k]) <= 1e-5 * std + mean_atol), k
         else:  # nu = (1 - beta2) g^2: twice the gradient's relative error
             assert _close(s1[k], s8[k], 2e-5 if "/nu/" in k else 1e-5), k
-    if "G" not in one:  # step only: every parameter's step gradient (Adam's mu) is alive
-        for opt in ("opt_g/", "opt_d/"):
-            mus = {k: s1[k] for k in compared if k.startswith(opt + "opt_state/0/mu/")}
-            total = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in mus.values()))
-            assert len(mus) > 10 and total > 0, opt
-            for k, g in mus.items():
-                assert np.linalg.norm(g) > 1e-6 * total, f"{k}: no gradient"
-        return
     # The G step's Adam state holds the loss function's gradient: the step differentiates the
     # same loss as the test (with beta1 = 0, mu = g; nu = (1 - beta2) g^2).
     for k, g in one["G"].items():
@@ -298,41 +312,6 @@ def _assert_one_and_eight_agree(config, one, eight) -> None:
             assert _close(g, s1[f"opt_g/opt_state/0/mu/{k}"], 1e-5), k
             nu = (1 - config.optim.beta2) * np.square(g, dtype=np.float64)
             assert _close(nu, s1[f"opt_g/opt_state/0/nu/{k}"], 1e-4), k
-
-
-def _assert_loss_gradients_agree(excluded: dict, one, eight) -> None:
-    """The losses, G and D gradients and forward buffers of `_sharded_step_outputs` (see
-    `_assert_one_and_eight_agree`)."""
-    for k in one["parts"]:
-        assert _close(one["parts"][k], eight["parts"][k], 1e-5, max(abs(one["parts"][k]), 1e-3)), k
-
-    grad_names = {f"gen/{k}" for k in one["G"]} | {f"d/{k}" for k in one["D"]}
-    assert set(excluded) <= grad_names
-    for net in ("G", "D"):
-        g1, g8 = one[net], eight[net]
-        assert g1.keys() == g8.keys() and len(g1) > 10
-        prefix = "gen/" if net == "G" else "d/"
-        total = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in g1.values()))
-        assert total > 0
-        live = {k for k in g1 if prefix + k not in excluded}
-        # The excluded leaves are what their reason says: no gradient beyond rounding noise.
-        for k in set(g1) - live:
-            assert np.linalg.norm(g1[k]) <= 1e-6 * total, (k, excluded[prefix + k])
-        # Every other leaf carries a gradient (a layer whose gradient wrongly vanished fails)
-        # and agrees leaf by leaf; absent classes' table rows are exactly zero on both.
-        for k in live:
-            assert np.linalg.norm(g1[k]) > 1e-6 * total, f"{net} {k}: no gradient"
-            assert _close(g1[k], g8[k], 1e-5), f"{net} {k}"
-        diff = np.sqrt(sum(np.sum(np.square(g1[k] - g8[k], dtype=np.float64)) for k in live))
-        assert diff <= 1e-5 * total, net
-
-    b1, b8 = one["buffers"], eight["buffers"]
-    assert [k for k in b1 if "running" in k] and [k for k in b1 if k.endswith("/u")]
-    for k in b1:
-        # A batch mean is accurate relative to the data's spread, not to itself (it is near 0):
-        # running means are compared on the scale of their layer's running standard deviation.
-        scale = np.sqrt(b1[k.replace("running_mean", "running_var")]) if "mean" in k else b1[k]
-        assert _close(b1[k], b8[k], 1e-5, np.linalg.norm(scale)), k
 
 
 def _params(leaves: dict, prefix: str) -> dict:

@@ -50,8 +50,8 @@ def _mix(k0: jnp.ndarray, k1: jnp.ndarray, counter: jnp.ndarray) -> jnp.ndarray:
     return _fmix32(x ^ (k0 + _GOLDEN))
 
 
-def _counters(n: int, offset: int = 0, stride: int = 1) -> jnp.ndarray:
-    return jnp.arange(n, dtype=jnp.uint32) * np.uint32(stride) + np.uint32(offset)
+def _counters(n: int) -> jnp.ndarray:
+    return jnp.arange(n, dtype=jnp.uint32)
 
 
 def _pair(k0: jnp.ndarray, k1: jnp.ndarray, counter: jnp.ndarray) -> jnp.ndarray:

@@ -65,10 +65,9 @@ def init_key(seed: int) -> jax.Array:
     (1-3 s each on a 2-core CPU), with XLA's RngBitGenerator ("rbg", used here until
     2026-12-02) each still expands into a ~3k-line program; the init of the full-size ADE20k
     CLADE GAN compiles in 5.9 s with the hash against 12.5 s with rbg and 18.9 s with threefry
-    (`benchmarks/init_compile.py`). The weights differ from
-    a threefry initialisation's (same distributions), which does not matter for a network that
-    is trained and checkpointed. Training randomness (dropout, the VAE's noise) keeps the
-    default PRNG.
+    (`benchmarks/init_compile.py`). The weights differ from a threefry initialisation's (same
+    distributions), which does not matter for a network that is trained and checkpointed.
+    Training randomness (dropout, the VAE's noise) keeps the default PRNG.
     """
     return jax.random.key(seed, impl=init_prng.IMPL)
 
