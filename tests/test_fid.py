@@ -10,10 +10,12 @@ that command in the message.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 
 from clade_jax import weights
 from clade_jax.evaluation import fid
@@ -110,25 +112,71 @@ def test_fid_with_rank_deficient_covariances_is_finite():
     assert np.isfinite(value) and value > 0
 
 
-def test_fid_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch):
-    real_sqrtm, seen = fid.scipy.linalg.sqrtm, []
-
-    def sqrtm(a):
-        seen.append(a)
-        return np.full_like(a, np.nan) if len(seen) == 1 else real_sqrtm(a)
-
-    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", sqrtm)
-    s1, s2 = np.diag([1.0, 0.0]), np.diag([4.0, 0.0])
-    with pytest.warns(RuntimeWarning, match="not finite"):
-        got = fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=1e-2)
-    np.testing.assert_allclose(seen[1], (s1 + 0.01 * np.eye(2)) @ (s2 + 0.01 * np.eye(2)))
-    np.testing.assert_allclose(got, 5.0 - 2 * (np.sqrt(1.01 * 4.01) + 0.01))
+def _fid_via_sqrtm(mu1, s1, mu2, s2):
+    """pytorch-fid's formula with scipy's matrix square root (the reference, not the code)."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    return np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real
 
 
-def test_fid_rejects_a_significantly_complex_root(monkeypatch):
-    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: np.eye(2) * (1 + 0.5j))
-    with pytest.raises(ValueError, match="imaginary"):
-        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))
+def test_fid_equals_pytorch_fids_sqrtm_form_on_full_rank_covariances():
+    # Non-commuting, full-rank covariances: the eigenvalue form must equal Tr sqrtm(s1 s2).
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(400, 64)) @ rng.normal(size=(64, 64))
+    b = rng.normal(size=(400, 64)) @ rng.normal(size=(64, 64)) + 1.0
+    (mu1, s1), (mu2, s2) = fid.statistics(a), fid.statistics(b)
+    want = _fid_via_sqrtm(mu1, s1, mu2, s2)
+    np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2), want, rtol=1e-10)
+    # The distance is symmetric although sqrt(s1) s2 sqrt(s1) is formed from s1 only.
+    np.testing.assert_allclose(fid.frechet_distance(mu2, s2, mu1, s1), want, rtol=1e-10)
+
+
+def test_fid_with_fewer_samples_than_dimensions_matches_the_exact_value():
+    # 12 samples in 128 dimensions (as 500 Cityscapes images against 2048 features): the product
+    # has rank 11. Exact reference: the non-zero eigenvalues of s1 s2 are those of the 12 x 12
+    # matrix A s2 A^T / (n - 1) (A the centred samples). Counting the rounding-level eigenvalues
+    # (no rank tolerance) is off by 2e-8; pytorch-fid's sqrtm by 4e-8.
+    rng = np.random.default_rng(5)
+    n, d = 12, 128
+    a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+    b = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 1.0
+    (mu1, s1), (mu2, s2) = fid.statistics(a), fid.statistics(b)
+    centred = a - a.mean(axis=0)
+    small = np.linalg.eigvalsh(centred @ s2 @ centred.T / (n - 1))
+    trace = np.sqrt(np.clip(small, 0.0, None)).sum()
+    want = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace
+    np.testing.assert_allclose(fid.frechet_distance(mu1, s1, mu2, s2), want, rtol=1e-9)
+    np.testing.assert_allclose(_fid_via_sqrtm(mu1, s1, mu2, s2), want, rtol=1e-6)
+
+
+def test_fid_treats_rounding_level_negative_eigenvalues_as_zero():
+    # -1e-9 is rounding (its root's imaginary part, 3e-5, is under pytorch-fid's 1e-3): the
+    # value is that of the clipped covariance.
+    s2 = np.diag([4.0, -1e-9])
+    got = fid.frechet_distance(np.zeros(2), np.diag([1.0, 1.0]), np.zeros(2), s2)
+    np.testing.assert_allclose(got, 1.0 + 1.0 + 4.0 - 1e-9 - 2 * 2.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "s1, s2, name",
+    [
+        (np.eye(2), np.diag([1.0, -0.01]), "sqrt(sigma1) sigma2 sqrt(sigma1)"),  # a root of 0.1i
+        (np.diag([1.0, -0.01]), np.eye(2), "sigma1"),
+    ],
+)
+def test_fid_rejects_a_covariance_that_is_not_positive_semi_definite(s1, s2, name):
+    with pytest.raises(
+        ValueError, match=re.escape(name) + " is not positive semi-definite.*imaginary"
+    ):
+        fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2)
+
+
+def test_fid_rejects_non_finite_statistics():
+    sigma = np.eye(2)
+    sigma[0, 1] = np.nan
+    with pytest.raises(ValueError, match="sigma2 has non-finite"):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), sigma)
+    with pytest.raises(ValueError, match="mu1 has non-finite"):
+        fid.frechet_distance(np.array([np.inf, 0.0]), np.eye(2), np.zeros(2), np.eye(2))
 
 
 def test_prepare_inception_is_idempotent(tmp_path, monkeypatch):
