@@ -1,6 +1,7 @@
 """Evaluation throughput: the whole `evaluate()` (synthesis + Inception + segmenter), old vs new.
 
-    python benchmarks/evaluation.py [--images 32] [--batch 16] [--old_commit SHA] [--no_append]
+    python benchmarks/evaluation.py [--images 64] [--batch 16] [--rounds 2] [--old_commit SHA]
+                                    [--no_append]
     python benchmarks/evaluation.py --quick      # smoke run on tiny sizes; appends nothing
 
 * Work (equal for both): a synthetic-config generator (ngf 16, 64x64, random weights with its
@@ -19,8 +20,14 @@
   memory-minimizing scheduler). Blocks in RESULTS.md before 2026-12-01
   17:00 ran on jaxlib's default (YNNPACK), which runs Inception at about half the speed on this
   CPU (143 against 68-74 ms per image at batch 8).
-* Each configuration runs in its own process: a warm-up evaluate() of N images, then N and 2N;
-  images/s is N / (t(2N) - t(N)), so compilation and set-up cancel. Peak host memory (max RSS)
+* Each configuration runs in its own process, `--rounds` alternating rounds (medians reported):
+  a warm-up evaluate() of N images, then N and 2N. The Frechet distance at the end of every
+  evaluate() is timed on its own (`fid.frechet_distance` wrapped): it costs the same whatever N
+  (a 2048x2048 eigenproblem, or the old code's `scipy.linalg.sqrtm` at 17-25 s here), so with it
+  inside, t(2N) - t(N) is the difference of two large, noisy numbers (the 2026-12-02 blocks gave
+  2.98x and 1.14x for the same code). Two rates: the loop's, N / ((t(2N) - d(2N)) - (t(N) -
+  d(N))) with d the distance's time, so compilation, set-up and the distance cancel; and the
+  whole evaluation's, N / t(N), everything after the warm-up included. Peak host memory (max RSS)
   after the N and the 2N call: flat memory means the two agree. Programs lowered per call (each
   a trace + lowering + compilation or persistent-cache read; `jax.monitoring`): the new code's
   timed calls should lower none beyond what a new image count changes.
@@ -36,6 +43,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -77,7 +85,7 @@ if {old}:  # the old evaluate writes with clu's TensorFlow writer: stub it
             return lambda *a, **k: None
     stub.create_default_writer = lambda *a, **k: _W()
     sys.modules["clu.metric_writers"] = stub
-    import clu
+    clu = sys.modules.setdefault("clu", types.ModuleType("clu"))  # clu is no longer installed
     clu.metric_writers = stub
 import jax
 from clade_jax.evaluation.evaluate import evaluate
@@ -87,17 +95,29 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda event, _, **kw: lowered.append(1)
     if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None
 )
+from clade_jax.evaluation import fid as fid_lib
+distance_s = []  # the time of the final Frechet distance (a fixed cost per evaluation)
+_distance = fid_lib.frechet_distance
+def timed_distance(*args, **kwargs):
+    t = time.perf_counter()
+    out = _distance(*args, **kwargs)
+    distance_s.append(time.perf_counter() - t)
+    return out
+fid_lib.frechet_distance = timed_distance  # both evaluate()s call it through the module
 seg = NNXSegmenter(SegmenterNet(10, widths=(16, 32, 64), depth=1, rngs=init_rngs(0)))
-times, rss, programs = [], [], []
+times, rss, programs, distances = [], [], [], []
 for n in ({images}, {images}, 2 * {images}):  # warm-up (compiles), then N and 2N images
     t = time.perf_counter()
     evaluate({workdir!r}, max_images=n, batch_size={batch}, segmenter=seg,
              fid_stats_dir=tempfile.mkdtemp())
     times.append(time.perf_counter() - t)
+    distances.append(sum(distance_s))
+    distance_s.clear()
     rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     programs.append(len(lowered))
     lowered.clear()
-print("RESULT", json.dumps({{"times": times, "rss_mb": rss, "programs": programs}}))
+print("RESULT", json.dumps({{"times": times, "distance_s": distances, "rss_mb": rss,
+                            "programs": programs}}))
 """
 
 
@@ -146,8 +166,9 @@ def run(code: str, *, cwd: str, devices: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (medians)")
     parser.add_argument("--old_commit", default=None)
     parser.add_argument(
         "--no_append", action="store_true", help="print the table only (no RESULTS.md block)"
@@ -157,7 +178,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.images, args.batch, args.no_append = 8, 8, True
+        args.images, args.batch, args.rounds, args.no_append = 8, 8, 1, True
 
     sha = args.old_commit or old_commit()
     if not os.path.isdir(OLD):
@@ -173,41 +194,66 @@ def main() -> None:
     def child(old: bool, images: int) -> str:
         return _CHILD.format(old=old, workdir=workdir, images=images, batch=args.batch)
 
-    load0 = os.getloadavg()
-    rows = [
-        ("before (old evaluate, 1 device)", run(child(True, args.images), cwd=OLD, devices=8)),
-        ("after, 1 device", run(child(False, args.images), cwd=REPO, devices=1)),
-        ("after, 8 devices", run(child(False, args.images), cwd=REPO, devices=8)),
+    configs = [
+        ("before (old evaluate, 1 device)", True, OLD, 8),
+        ("after, 1 device", False, REPO, 1),
+        ("after, 8 devices", False, REPO, 8),
     ]
+    load0 = os.getloadavg()
+    results = {name: [] for name, *_ in configs}
+    for _ in range(args.rounds):  # alternating rounds: old, new 1, new 8, old, ...
+        for name, old, cwd, devices in configs:
+            results[name].append(run(child(old, args.images), cwd=cwd, devices=devices))
     load1 = os.getloadavg()
     n = args.images
-    rate = lambda r: n / (r["times"][2] - r["times"][1])  # the extra N images of the 2N call
-    base = rate(rows[0][1])
+
+    def loop_rate(r: dict) -> float:
+        """Images/s of the per-batch work: the extra N images of the 2N call, distance excluded."""
+        t, d = r["times"], r["distance_s"]
+        return n / ((t[2] - d[2]) - (t[1] - d[1]))
+
+    def whole_rate(r: dict) -> float:
+        """Images/s of one whole timed evaluate() of N images, set-up and distance included."""
+        return n / r["times"][1]
+
+    median = lambda rs, f: statistics.median(f(r) for r in rs)
+    base_loop = median(results[configs[0][0]], loop_rate)
+    base_whole = median(results[configs[0][0]], whole_rate)
     lines = [
         f"### evaluation, old vs new ({datetime.datetime.now().isoformat(timespec='minutes')})",
         "",
         textwrap.fill(
-            f"`python benchmarks/evaluation.py --images {n} --batch {args.batch}` "
-            f"(old = {sha[:10]}): synthetic generator ngf 16 at 64x64, pytorch-fid Inception on "
-            "the synthesized and the real images, builtin U-Net (16/32/64) on both, the entry "
-            "points' XLA:CPU flags (Eigen convolutions, memory-minimizing scheduler) in every "
-            "process. Per process: "
-            f"a warm-up evaluate() of {n} images, then {n} and {2 * n}; images/s = {n} / (time "
-            f"of {2 * n} - time of {n}), so compilation and set-up cancel. Peak RSS after the "
-            f"{n}- and the {2 * n}-image calls. Load average {load0[0]:.2f} at start, "
+            f"`python benchmarks/evaluation.py --images {n} --batch {args.batch} --rounds "
+            f"{args.rounds}` (old = {sha[:10]}): synthetic generator ngf 16 at 64x64, pytorch-fid "
+            "Inception on the synthesized and the real images, builtin U-Net (16/32/64) on both, "
+            "the entry points' XLA:CPU flags (Eigen convolutions, memory-minimizing scheduler) in "
+            f"every process; {args.rounds} alternating round(s) of one process per configuration, "
+            f"medians over rounds. Per process: a warm-up evaluate() of {n} images, then {n} and "
+            f"{2 * n}. Loop images/s = {n} / (time of {2 * n} - time of {n}), each minus its "
+            "Frechet distance, so compilation, set-up and the fixed-cost distance cancel; whole "
+            f"images/s = {n} / time of the {n}-image call (set-up and distance included). Peak RSS "
+            f"after the {n}- and the {2 * n}-image calls. Load average {load0[0]:.2f} at start, "
             f"{load1[0]:.2f} at end.",
             100,
         ),
         "",
-        f"| configuration | s, {n} images | s, {2 * n} images | images/s | vs before "
+        f"| configuration | s, {n} images | s, {2 * n} images | Frechet distance, s "
+        f"| loop images/s | vs before | whole images/s ({n}) | vs before "
         f"| peak RSS MB ({n} / {2 * n}) | programs lowered (warm-up / {n} / {2 * n}) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in rows:
-        t, m = r["times"], r["rss_mb"]
+    each = lambda rs, f, fmt: " / ".join(format(f(r), fmt) for r in rs)
+    for name, *_ in configs:
+        rs = results[name]
         lines.append(
-            f"| {name} | {t[1]:.1f} | {t[2]:.1f} | {rate(r):.2f} | {rate(r) / base:.2f}x | "
-            f"{m[1]:.0f} / {m[2]:.0f} | {' / '.join(str(c) for c in r['programs'])} |"
+            f"| {name} | {each(rs, lambda r: r['times'][1], '.1f')} "
+            f"| {each(rs, lambda r: r['times'][2], '.1f')} "
+            f"| {each(rs, lambda r: max(r['distance_s'][1:]), '.1f')} "
+            f"| {each(rs, loop_rate, '.2f')} | {median(rs, loop_rate) / base_loop:.2f}x "
+            f"| {each(rs, whole_rate, '.2f')} | {median(rs, whole_rate) / base_whole:.2f}x "
+            f"| {each(rs, lambda r: r['rss_mb'][1], '.0f')} / "
+            f"{each(rs, lambda r: r['rss_mb'][2], '.0f')} "
+            f"| {' ; '.join(' / '.join(str(c) for c in r['programs']) for r in rs)} |"
         )
     block = "\n".join(lines) + "\n"
     print(block)

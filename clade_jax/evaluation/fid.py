@@ -386,7 +386,7 @@ def frechet_distance(
 
     pytorch-fid forms the matrix square root with `scipy.linalg.sqrtm` and takes the trace; here
     the trace is computed from eigenvalues, which is exact in real arithmetic and ~7x faster at
-    D = 2048 (2.2-3.1 s against 17-25 s on the 2-core development CPU): with R = sqrt(sigma1)
+    D = 2048 (2.9-3.2 s against 17-24 s on the 2-core development CPU): with R = sqrt(sigma1)
     (symmetric, from `eigh`), sigma1 sigma2 = R (R sigma2 R) R^-1 where sigma1 is invertible (and
     the two share their non-zero eigenvalues in any case), so the eigenvalues of sigma1 sigma2 are
     those of the symmetric positive semi-definite M = R sigma2 R, and Tr sqrtm = sum sqrt(eig M).
@@ -396,9 +396,9 @@ def frechet_distance(
       dimensions: ADE20k's 2,000 or Cityscapes' 500 validation images against 2,048 features) and
       count as zero. Against an exact reduced-space reference (the n x n eigenproblem of the
       centred samples) this form is within 1e-10 relative at 64 and 500 samples, where pytorch-fid's
-      sqrtm is off by 5e-7 and 8e-8; at 4,096 samples the two agree to 1.2e-12
-      (benchmarks/RESULTS.md, 2026-12-02). So values match pytorch-fid's to the digits that
-      papers print (a difference of ~1e-3 in FID at most).
+      sqrtm is off by 5e-7 and 8e-8; at 4,096 samples the two agree to 5e-10
+      (`benchmarks/fid_distance.py`, benchmarks/RESULTS.md 2026-12-02). So values match
+      pytorch-fid's to the digits that papers print (a difference of ~1e-2 in FID at most).
     * pytorch-fid's safeguards, restated for this form: a square root whose diagonal has an
       imaginary part above 1e-3 is an error there; here an eigenvalue of M (or of sigma1) below
       -1e-6 would give a square root with an imaginary part above 1e-3 and is an error (an input
