@@ -50,6 +50,8 @@ import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import results as results_md  # noqa: E402  (benchmarks/results.py)
+
 from clade_jax import backend  # noqa: E402  (only its flag name: JAX is not started here)
 
 OLD = "/tmp/old_eval"
@@ -255,13 +257,9 @@ def main() -> None:
             f"{each(rs, lambda r: r['rss_mb'][2], '.0f')} "
             f"| {' ; '.join(' / '.join(str(c) for c in r['programs']) for r in rs)} |"
         )
-    block = "\n".join(lines) + "\n"
-    print(block)
+    results_md.report("\n".join(lines) + "\n", append=not args.no_append)
     if args.no_append:
         print("(not appended to benchmarks/RESULTS.md: --no_append / --quick)")
-        return
-    with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
-        f.write("\n" + block)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import scipy.linalg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import results as results_md  # noqa: E402  (benchmarks/results.py)
+
 from clade_jax.evaluation import fid  # noqa: E402
 
 
@@ -74,11 +76,7 @@ def main() -> None:
         lines.append(
             f"| {n} | {kind} | {ts:.2f} | {to:.2f} | {to / ts:.3f} | {es:.1e} | {eo:.1e} |"
         )
-    block = "\n".join(lines) + "\n"
-    print(block)
-    if not args.no_append:
-        with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
-            f.write("\n" + block)
+    results_md.report("\n".join(lines) + "\n", append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import statistics
 import subprocess
 import sys
 
+import results as results_md  # benchmarks/results.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLS = ("hash", "rbg", "threefry")
 
@@ -97,10 +99,7 @@ def main() -> None:
             "",
         ]
     )
-    print(block)
-    if not args.no_append:
-        with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
-            f.write("\n" + block)
+    results_md.report(block, append=not args.no_append)
 
 
 if __name__ == "__main__":

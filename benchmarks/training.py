@@ -40,6 +40,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import results as results_md  # noqa: E402  (benchmarks/results.py)
+
 
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
@@ -244,11 +246,7 @@ def main() -> None:
                 f"* batch {b}: CLADE step time Eigen / YNNPACK convolutions "
                 f"{med(('clade', b), 'step_s') / med(('clade-ynnpack', b), 'step_s'):.3f}"
             )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_results:
-        with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
+    results_md.report("\n".join(lines) + "\n", append=not args.no_results)
 
 
 if __name__ == "__main__":
