@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Tests see 8 host devices so multi-device code runs on CPU; two pytest-xdist workers keep both
 # cores busy (compilation is single-threaded), tests sharing a training run stay on one worker.
-TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 $(XLA_FLAGS)"
+# LLVM at -O1 instead of XLA's default -O3 (tests only): the suite is compile-bound and its
+# wall time drops ~11% (687 -> 608 s on a 2-core Xeon), eager ops compile 2x faster; the tiny
+# programs run as fast (a full-size step ~5% slower, so training keeps the default).
+TEST_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1 $(XLA_FLAGS)"
 
 .PHONY: test demo paint lint weights clean
 
