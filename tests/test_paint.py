@@ -16,8 +16,7 @@ import re
 import httpx
 import numpy as np
 import pytest
-from conftest import TINY_RUN_GROUP
-from flax import nnx
+from conftest import TINY_RUN_GROUP, initial_state
 from PIL import Image
 
 from clade_jax.configs import synthetic as synthetic_config
@@ -27,7 +26,6 @@ from clade_jax.models.generator import Generator
 from clade_jax.paint.server import PaintModel, create_app, serve_in_thread
 from clade_jax.synthesize import synthesize
 from clade_jax.training import checkpoint
-from clade_jax.training.state import GANState
 
 pytestmark = pytest.mark.xdist_group(TINY_RUN_GROUP)
 
@@ -251,7 +249,7 @@ def vae_instance_icpe(tmp_path_factory):
     config.data.use_instance = True
     workdir = str(tmp_path_factory.mktemp("paint_vae"))
     checkpoint.write_config(config, workdir)
-    state = nnx.state(GANState(config, 16, rngs=nnx.Rngs(config.seed)))
+    state = initial_state(config, config.seed)[1]
     manager = checkpoint.make_manager(workdir, with_data=False)
     checkpoint.save(manager, 0, state, force=True)
     manager.wait_until_finished()

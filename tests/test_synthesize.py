@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from conftest import initial_state
 from flax import nnx
 from PIL import Image
 
@@ -21,13 +22,12 @@ from clade_jax.layers.labels import icpe_offsets
 from clade_jax.models.encoder import reparameterize
 from clade_jax.synthesize import synthesize
 from clade_jax.training import checkpoint
-from clade_jax.training.state import GANState
 
 
 def make_initialized_workdir(config, workdir: str) -> str:
     """config.json + checkpoints/0 (state only) of a freshly initialized model."""
     checkpoint.write_config(config, workdir)
-    state = nnx.state(GANState(config, 16, rngs=nnx.Rngs(config.seed)))
+    state = initial_state(config, config.seed)[1]
     manager = checkpoint.make_manager(workdir, with_data=False)
     checkpoint.save(manager, 0, state, force=True)
     manager.wait_until_finished()
