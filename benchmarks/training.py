@@ -4,10 +4,13 @@
                                   [--floor_batches 1] [--size 256] [--steps 3]
 
 Full-size ADE20k networks (151 classes, ngf 64, ndf 64, two discriminator scales, no VGG loss),
-one G update + one D update per step (`clade_jax.training.step.train_step`), random label maps and
-images, state donated. Every (model, batch) runs in a fresh process, the processes alternating
-within each round, so each process's peak RSS is that of one training process. Each process
-reports:
+one G update + one D update per step (`clade_jax.training.step.train_step`), label maps of
+`--regions` Voronoi regions of random classes (default 40; `--regions 0`: every pixel its own random
+class, the workload of the blocks before 2026-12-02 14:00), random images, state donated.
+`--spade_windows` turns on `model.spade_windows` (SPADE's modulation only at boundary pixels, whose
+cost depends on the label maps: the children report the interior fraction). Every (model, batch)
+runs in a fresh process, the processes alternating within each round, so each process's peak RSS
+is that of one training process. Each process reports:
 
 * compile: lowering + XLA compilation of the step (the first round with an empty persistent
   compilation cache, later rounds with the cache the first one filled), and
@@ -56,7 +59,26 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def child(norm: str, batch: int, size: int, steps: int, parts: bool) -> dict:
+def region_labels(rng, batch: int, size: int, regions: int, classes: int = 151):
+    """(batch, size, size) int32 label maps of `regions` Voronoi cells, each one random class: a
+    stand-in for a semantic label map's piecewise-constant regions (the data sets are not here).
+    `regions=0`: every pixel its own random class (no uniform region at all)."""
+    import numpy as np
+
+    if regions == 0:
+        return rng.integers(0, classes, (batch, size, size)).astype(np.int32)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.empty((batch, size, size), np.int32)
+    for b in range(batch):
+        centres = rng.uniform(0, size, (regions, 2))
+        dist = (yy[..., None] - centres[:, 0]) ** 2 + (xx[..., None] - centres[:, 1]) ** 2
+        out[b] = rng.integers(0, classes, regions)[dist.argmin(-1)]
+    return out
+
+
+def child(
+    norm: str, batch: int, size: int, steps: int, parts: bool, regions: int, windows: bool
+) -> dict:
     """Measure one (norm, batch) in this process; returns the numbers as a dict."""
     import functools
 
@@ -66,6 +88,7 @@ def child(norm: str, batch: int, size: int, steps: int, parts: bool) -> dict:
     from flax import nnx
 
     from clade_jax.configs import ade20k
+    from clade_jax.layers import spade_windows
     from clade_jax.training import runtime
     from clade_jax.training import step as step_lib
     from clade_jax.training.memory import release_host_memory
@@ -74,14 +97,17 @@ def child(norm: str, batch: int, size: int, steps: int, parts: bool) -> dict:
     config = ade20k.get_config(f"norm={norm}")
     config.loss.lambda_vgg = 0.0
     config.data.crop_size = size
+    config.model.spade_windows = windows
     # Built as the trainer builds it (clade_jax.training.loop): one jit-compiled initialization,
     # not op by op (eager init leaves ~0.2 GB of per-op executables in jax's caches).
     # The step is compiled from shapes before the state exists, as the trainer does.
     make = lambda key: GANState(config, 1000, rngs=nnx.Rngs(key))
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: make(runtime.init_key(0))))
     rng = np.random.default_rng(0)
+    labels = region_labels(rng, batch, size, regions)
+    inner = np.asarray(spade_windows.interior(jnp.asarray(labels), 3)).mean()
     data = {
-        "label": jnp.asarray(rng.integers(0, 151, (batch, size, size)), jnp.int32),
+        "label": jnp.asarray(labels),
         "image": jnp.asarray(rng.uniform(-1, 1, (batch, size, size, 3)), jnp.float32),
     }
     key = jax.random.key(0)
@@ -91,7 +117,7 @@ def child(norm: str, batch: int, size: int, steps: int, parts: bool) -> dict:
     )
     t = time.perf_counter()
     compiled = fn.lower(abstract_state, data, jnp.int32(0), key, None).compile()
-    out = {"compile_s": time.perf_counter() - t}
+    out = {"compile_s": time.perf_counter() - t, "interior": float(inner)}
     mem = compiled.memory_analysis()
     out["temp_gb"] = mem.temp_size_in_bytes / 1e9
     out["state_gb"] = mem.argument_size_in_bytes / 1e9
@@ -160,6 +186,7 @@ def run_child(norm, batch, args, parts, cache_dir, ynnpack=False) -> dict:
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{norm},{batch}"]
     cmd += ["--size", str(args.size), "--steps", str(args.steps)] + (["--parts"] if parts else [])
+    cmd += ["--regions", str(args.regions)] + (["--spade_windows"] if args.windows else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{norm} batch {batch} failed:\n{res.stderr[-3000:]}")
@@ -174,6 +201,18 @@ def main() -> None:
     p.add_argument("--floor_batches", default="1", help="batches at which norm=none is run")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--regions",
+        type=int,
+        default=40,
+        help="Voronoi regions per label map (0: an independent random class per pixel)",
+    )
+    p.add_argument(
+        "--spade_windows",
+        dest="windows",
+        action="store_true",
+        help="model.spade_windows: SPADE's uniform-window tables (clade_jax.layers.spade_windows)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--parts", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no_results", action="store_true", help="do not append to RESULTS.md")
@@ -186,7 +225,8 @@ def main() -> None:
 
         backend.configure_cpu_backend()
         norm, batch = args.child.split(",")
-        print(json.dumps(child(norm, int(batch), args.size, args.steps, args.parts)))
+        res = child(norm, int(batch), args.size, args.steps, args.parts, args.regions, args.windows)
+        print(json.dumps(res))
         return
 
     configs = [(n, int(b)) for b in args.batches.split(",") for n in args.norms.split(",")]
@@ -214,7 +254,8 @@ def main() -> None:
     lines = [
         f"## training.py, {datetime.datetime.now():%Y-%m-%d %H:%M} (jax {jax.__version__}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, {args.size}x{args.size}, "
-        f"{args.rounds} alternating rounds, one process per cell)",
+        f"{args.rounds} alternating rounds, one process per cell, {args.regions} label regions, "
+        f"spade_windows={args.windows})",
         "",
         "| model | batch | step s (median) | images/s | G step | D step | D fwd+bwd | G regen "
         "| peak RSS GB | step temp GB | compile s cold / cached |",

@@ -114,6 +114,23 @@ MUTANTS = {
         [("                check_finite(scalars, done)\n", "")],
         ["tests/test_training.py", "-k", "nan"],
     ),
+    # SPADE's windowed modulation: a window of one convolution instead of two, and the edge
+    # channel left out of the tables.
+    "spade_windows_radius_of_one_conv": (
+        "clade_jax.layers.spade_windows",
+        [("    r = 2 * (kernel_size // 2)\n", "    r = kernel_size // 2\n")],
+        ["tests/test_spade_windows.py"],
+    ),
+    "spade_windows_edge_table_without_edge": (
+        "clade_jax.layers.spade_windows",
+        [
+            (
+                "pre = jnp.concatenate([pre, pre + sums[num_classes]])",
+                "pre = jnp.concatenate([pre, pre])",
+            )
+        ],
+        ["tests/test_spade_windows.py"],
+    ),
 }
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from clade_jax.layers import spade_windows
 from clade_jax.layers.conv import Conv2d, cpu_fast_path
 from clade_jax.layers.labels import resize_nearest
 from clade_jax.layers.normalization import ParamFreeNorm
@@ -50,6 +51,11 @@ class SPADE(nnx.Module):
       kernel_size: kernel of the modulation convs (3 in the papers).
       dtype: compute dtype.
       norm_kwargs: extra arguments of `ParamFreeNorm`.
+      windows: on the CPU fast path and grids of >= `spade_windows.MIN_PIXELS` pixels, compute
+        gamma and beta from per-class tables where the (2k-1)^2 label window is uniform and run
+        the convolutions only at the other pixels (`clade_jax.layers.spade_windows`; equal up
+        to float rounding). Off by default: it pays on piecewise-constant label maps and costs
+        where most pixels are boundaries (numbers in that module).
     """
 
     def __init__(
@@ -63,9 +69,11 @@ class SPADE(nnx.Module):
         kernel_size: int = 3,
         dtype=jnp.float32,
         norm_kwargs: dict | None = None,
+        windows: bool = False,
         rngs: nnx.Rngs,
     ):
         self.num_classes = num_classes
+        self.windows = windows
         self.instance_edge = instance_edge
         self.dtype = dtype
         in_ch = num_classes + (1 if instance_edge else 0)
@@ -88,7 +96,13 @@ class SPADE(nnx.Module):
                 raise ValueError("this SPADE layer was built with instance_edge=True: pass edges")
             edges = resize_nearest(edges, size)
         rest = edges[..., None] if self.instance_edge else None
-        y = (_modulate_recomputing if cpu_fast_path() else _modulate)(self, x_hat, labels, rest)
+        if not cpu_fast_path():
+            modulate = _modulate
+        elif self.windows and size[0] * size[1] >= spade_windows.MIN_PIXELS:
+            modulate = _modulate_windowed_recomputing
+        else:
+            modulate = _modulate_recomputing
+        y = modulate(self, x_hat, labels, rest)
         return nan_where_invalid(y, labels, self.num_classes).astype(x.dtype)
 
 
@@ -100,6 +114,26 @@ def _modulate(spade: SPADE, x_hat, labels, rest):
     return x_hat * (1 + gamma) + spade.mlp_beta(actv)
 
 
+def _modulate_windowed(spade: SPADE, x_hat, labels, rest):
+    """`_modulate` with gamma and beta from per-class tables where the label window is uniform
+    (`spade_windows`: the same values up to float rounding)."""
+    actv = jax.nn.relu(spade.mlp_shared(rest, labels=labels, num_classes=spade.num_classes))
+    edges = None if rest is None else rest[..., 0]
+    keys = spade_windows.uniform_keys(labels, spade.num_classes, edges)
+    shared = spade.mlp_shared
+    dt = spade.dtype
+    shared_kernel, shared_bias = shared.weight().astype(dt), shared.bias[...].astype(dt)
+
+    def conv(module):
+        kernel, bias = module.weight().astype(dt), module.bias[...].astype(dt)
+        return spade_windows.modulation(
+            actv, keys, shared_kernel, shared_bias, kernel, bias, spade.num_classes
+        )
+
+    gamma = checkpoint_name(conv(spade.mlp_gamma), "spade_gamma")
+    return x_hat * (1 + gamma) + conv(spade.mlp_beta)
+
+
 # On CPU, where the shared convolution is a gather (`conv.onehot_conv`), the backward pass keeps
 # only gamma (and the inputs) and recomputes the shared activation, 128 channels at the layer's
 # resolution, from the labels: the full-size SPADE step's temporaries 1.054 -> 0.962 GB at batch 1
@@ -107,4 +141,7 @@ def _modulate(spade: SPADE, x_hat, labels, rest):
 # real convolution, so GPU / TPU keep the activation.
 _modulate_recomputing = nnx.remat(
     _modulate, policy=jax.checkpoint_policies.save_only_these_names("spade_gamma")
+)
+_modulate_windowed_recomputing = nnx.remat(
+    _modulate_windowed, policy=jax.checkpoint_policies.save_only_these_names("spade_gamma")
 )

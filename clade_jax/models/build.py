@@ -63,6 +63,7 @@ def _spade_kwargs(config) -> dict:
         use_instance=d.use_instance,
         icpe=d.icpe,
         spectral_norm=m.spectral_norm,
+        spade_windows=m.get("spade_windows", False),  # configs written before it: off
         norm_kwargs={"switchable_batch": m.switchable_batch}
         if m.param_free_norm == "switchable"
         else None,

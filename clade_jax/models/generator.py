@@ -58,9 +58,10 @@ def make_norm(
     icpe: bool,
     dtype,
     norm_kwargs: dict | None,
+    spade_windows: bool = False,
     rngs: nnx.Rngs,
 ) -> nnx.Module:
-    """A CLADE or SPADE layer from explicit options."""
+    """A CLADE or SPADE layer from explicit options (`spade_windows`: `SPADE`'s `windows`)."""
     if kind == "clade":
         return CLADE(
             num_features,
@@ -80,6 +81,7 @@ def make_norm(
             instance_edge=instance,
             dtype=dtype,
             norm_kwargs=norm_kwargs,
+            windows=spade_windows,
             rngs=rngs,
         )
     if kind == "none":
@@ -126,6 +128,7 @@ class ResnetBlock(nnx.Module):
         spectral_norm: bool,
         dtype,
         norm_kwargs: dict | None,
+        spade_windows: bool = False,
         rngs: nnx.Rngs,
     ):
         self.learned_shortcut = fin != fout
@@ -150,6 +153,7 @@ class ResnetBlock(nnx.Module):
             icpe=icpe,
             dtype=dtype,
             norm_kwargs=norm_kwargs,
+            spade_windows=spade_windows,
             rngs=rngs,
         )
         self.conv_0 = conv(fin + a, fmiddle, 3)
@@ -220,7 +224,7 @@ def add_resnet_blocks(
     up_0..up_3 (16nf -> nf) and, for 'most', up_4 (nf -> nf/2). Returns the final width.
 
     `block_kwargs` are `ResnetBlock`'s keyword arguments (norm, pfn, instance, icpe,
-    spectral_norm, dtype, norm_kwargs, rngs).
+    spectral_norm, dtype, norm_kwargs, spade_windows, rngs).
     """
     block = lambda fin, fout: ResnetBlock(fin, fout, num_classes, **block_kwargs)
     module.head_0 = block(16 * nf, 16 * nf)
@@ -256,6 +260,8 @@ class Generator(nnx.Module):
       spectral_norm: spectral normalization on the block convolutions (official default).
       dtype: compute dtype (parameters and normalization statistics stay float32).
       norm_kwargs: extra arguments of the param-free norms (momentum, eps, switchable_batch).
+      spade_windows: SPADE layers compute their modulation convolutions only where the label
+        window is not uniform, on CPU (`SPADE`'s `windows`; `clade_jax.layers.spade_windows`).
 
     Call: `G(labels, *, z=None, instance=None, icpe=None, key=None) -> (N, H, W, 3)` in [-1, 1].
     """
@@ -277,6 +283,7 @@ class Generator(nnx.Module):
         spectral_norm: bool = True,
         dtype=jnp.float32,
         norm_kwargs: dict | None = None,
+        spade_windows: bool = False,
         rngs: nnx.Rngs,
     ):
         set_spade_geometry(
@@ -311,6 +318,7 @@ class Generator(nnx.Module):
             spectral_norm=spectral_norm,
             dtype=dtype,
             norm_kwargs=norm_kwargs,
+            spade_windows=spade_windows,
             rngs=rngs,
         )
         self.conv_img = Conv2d(final_nc, 3, 3, padding=1, dtype=dtype, rngs=rngs)

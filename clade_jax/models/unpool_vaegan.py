@@ -241,6 +241,7 @@ class UnpoolGenerator(nnx.Module):
       encoder_norm: param-free norm of the encoder ("instance", the official norm_E).
       z_dim: unused (no latent code); stored for the generators' uniform interface.
       dtype: compute dtype (parameters and normalization statistics stay float32).
+      spade_windows: the SPADE layers' `windows` (`Generator`'s).
       norm_kwargs: extra arguments of the param-free norms (e.g. switchable_batch), used by the
         residual blocks and, when it is the same kind, the encoder.
 
@@ -270,6 +271,7 @@ class UnpoolGenerator(nnx.Module):
         z_dim: int = 0,
         dtype=jnp.float32,
         norm_kwargs: dict | None = None,
+        spade_windows: bool = False,
         rngs: nnx.Rngs,
     ):
         set_spade_geometry(
@@ -325,6 +327,7 @@ class UnpoolGenerator(nnx.Module):
             spectral_norm=spectral_norm,
             dtype=dtype,
             norm_kwargs=norm_kwargs,
+            spade_windows=spade_windows,
             rngs=rngs,
         )
         self.conv_img = Conv2d(final_nc, 3, 3, padding=1, dtype=dtype, rngs=rngs)
