@@ -168,8 +168,10 @@ def test_windowed_modulation_without_boundaries_or_without_interior(small_chunks
     _assert_equal(got, want)
 
 
-def _spade_outputs(windows: bool, labels, edges, plain: bool = False):
-    layer = SPADE(8, 5, "instance", instance_edge=True, windows=windows, rngs=nnx.Rngs(0))
+def _spade_outputs(windows: bool, labels, edges, plain: bool = False, dtype=jnp.float32):
+    layer = SPADE(
+        8, 5, "instance", instance_edge=True, windows=windows, dtype=dtype, rngs=nnx.Rngs(0)
+    )
     rng = np.random.default_rng(5)
     for _, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):  # non-zero biases too
         var.set_value(jnp.asarray(rng.normal(0, 0.3, var.shape), jnp.float32))
@@ -209,6 +211,24 @@ def test_spade_layer_with_windows_equals_the_plain_layer(monkeypatch, small_chun
         np.testing.assert_allclose(
             g[...], g_want[...], atol=2e-5 * scale, rtol=0, err_msg=str(path)
         )
+
+
+def test_spade_layer_with_windows_in_bfloat16(monkeypatch, small_chunks):
+    # The compute dtype reaches the tables, the blocks and their gradients (a float32 gradient
+    # of a bfloat16 input would be a custom_vjp error).
+    monkeypatch.setattr(sw, "MIN_PIXELS", 16 * 16)
+    labels = _regions(np.random.default_rng(7), 1, 16, 16, 3, 5)
+    edges = np.zeros(labels.shape, np.float32)
+    (_, y), (gp, _) = _spade_outputs(True, labels, edges, dtype=jnp.bfloat16)
+    (_, y_want), (gp_want, _) = _spade_outputs(False, labels, edges, dtype=jnp.bfloat16, plain=True)
+    y, y_want = np.asarray(y, np.float32), np.asarray(y_want, np.float32)
+    np.testing.assert_allclose(y, y_want, atol=0.05 * np.abs(y_want).max(), rtol=0)
+    for (path, g), (_, g_want) in zip(
+        nnx.to_flat_state(gp), nnx.to_flat_state(gp_want), strict=True
+    ):
+        g, g_want = np.asarray(g[...], np.float32), np.asarray(g_want[...], np.float32)
+        scale = max(np.abs(g_want).max(), 1e-6)
+        np.testing.assert_allclose(g, g_want, atol=0.05 * scale, rtol=0, err_msg=str(path))
 
 
 def test_spade_layer_keeps_the_dense_path_below_min_pixels_or_when_off(monkeypatch):

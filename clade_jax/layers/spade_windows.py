@@ -183,7 +183,9 @@ def _modulate_bwd(kernel_size, residuals, g):
         gc = jnp.where(live, g[pix], 0)  # (CHUNK, O)
         return dk + _patches(flat_actv, pix, h, w, k).T @ gc, db + gc.sum(0)
 
-    dk, db = _chunks(count, weight_body, (jnp.zeros((k * k * ch, o), g.dtype), jnp.zeros(o)))
+    dk, db = _chunks(
+        count, weight_body, (jnp.zeros((k * k * ch, o), g.dtype), jnp.zeros(o, g.dtype))
+    )
     # d actv(q) = sum_taps W[tap] g(q + p - tap) over boundary pixels: nonzero only within p
     # of one. g's rows are gathered where they are boundary pixels inside the image, else 0.
     near = _dilate(~inner, p)
