@@ -4,7 +4,9 @@
 128-channel shared modulation feature (128 is hard-coded in the official code) and gamma, beta are
 3x3 convs to C channels. The one-hot map is built here, at the layer's resolution, from the integer
 label map; labels outside [0, num_classes) produce NaN (one_hot would silently give a zero row).
-On CPU the backward pass recomputes m instead of keeping it (`_modulate_recomputing`).
+On CPU the backward pass recomputes m instead of keeping it (`_modulate_recomputing`), and
+`windows=True` takes gamma and beta from per-class tables where the label window is uniform
+(`clade_jax.layers.spade_windows`).
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ step at batch 1 on 40-region maps: see benchmarks/RESULTS.md ("SPADE windows").
 Where it is used (`spade.SPADE(windows=True)`, `config.model.spade_windows`): the CPU fast path
 (`conv.cpu_fast_path`) on grids of at least `MIN_PIXELS` pixels. Off by default: it is slower on
 maps where most pixels are boundaries, and it raised the full-size SPADE step's temporaries from
-0.77 to 0.84 GB (XLA keeps each 256x256 layer's beta alive for the backward pass). GPU / TPU keep
-the plain convolutions; `conv.plain_formulation()` forces them here too (the tests compare).
+0.77 to 0.84 GB (at the peak, the forward gathers of two 256x256 layers' gamma and beta are live
+for the backward pass). GPU / TPU keep the plain convolutions; `conv.plain_formulation()` forces
+them here too (the tests compare).
 """
 
 from __future__ import annotations
