@@ -90,7 +90,7 @@ def _dilate(mask: jnp.ndarray, radius: int) -> jnp.ndarray:
 def _pixel_list(mask: jnp.ndarray):
     """(indices, count, rank) of the True pixels of an (H, W) mask: flat indices in raster order
     padded to H*W + CHUNK (the spare slots point at pixel 0 and are never live), their number,
-    and each pixel's position in that list ((H, W) int32; meaningless where mask is False)."""
+    and each pixel's position in that list ((H*W,) int32; meaningless where mask is False)."""
     flat = mask.reshape(-1)
     (idx,) = jnp.nonzero(flat, size=flat.size + CHUNK, fill_value=0)
     rank = jnp.cumsum(flat, dtype=jnp.int32) - 1
@@ -111,8 +111,8 @@ def _chunks(count, body, init):
 def _neighbours(pix, h: int, w: int, kernel_size: int, sign: int = 1):
     """(CHUNK, k*k) flat indices of the pixels (i + sign (di - p), j + sign (dj - p)) around each
     pixel (i, j) of `pix`, taps (di, dj) in (row, column) order, clipped into the image, and
-    whether each lies inside it. The gathers read the unpadded grid: a zero-padded copy of a
-    256x256x128 activation is 34 MB more at the full-size step's peak (measured)."""
+    whether each lies inside it. The gathers read the unpadded grid (no zero-padded copy of the
+    activation; the full-size step's measured temporaries were the same either way)."""
     p = kernel_size // 2
     d = sign * (jnp.arange(kernel_size) - p)
     di, dj = [a.reshape(-1) for a in jnp.meshgrid(d, d, indexing="ij")]
