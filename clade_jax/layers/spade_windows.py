@@ -24,8 +24,9 @@ activation's gradient at the pixels within k // 2 of a boundary pixel (nowhere e
 non-zero), the table's as a segment sum over the interior pixels.
 
 Measured (Xeon 2-core machine, 2026-12-02; a scratch timing of one modulation, jitted,
-fwd + bwd, 256x256, 128 -> 2 x 128): 0.44x of the dense convolutions at 12% boundary pixels,
-0.55-0.63x at 24%, 1.4x at 95% (every pixel its own class); the full-size ADE20k SPADE training
+fwd + bwd, 256x256, 128 -> 2 x 128, median of 5, two alternations; the dense time itself varied
+0.74-1.21 s between processes): 0.42x of the dense convolutions at 12% boundary pixels, 0.56-0.61x
+at 24%, 1.32-1.34x at 95% (every pixel its own class); the full-size ADE20k SPADE training
 step at batch 1 on 40-region maps: see benchmarks/RESULTS.md ("SPADE windows").
 
 Where it is used (`spade.SPADE(windows=True)`, `config.model.spade_windows`): the CPU fast path
@@ -221,7 +222,7 @@ def modulation(
     actv: (N, H, W, Ch), the shared activation ReLU(conv_k(inputs, shared_kernel) + shared_bias)
       whose inputs are one_hot(label, num_classes) [+ edge], encoded by `uniform_keys` as keys
       (N, H, W); shared_kernel: (k, k, num_classes [+ 1], Ch); kernel: (k, k, Ch, O) (gamma's
-      and beta's side by side). Returns (N, H, W, O), the dense convolution's up to rounding.
+      or beta's). Returns (N, H, W, O), the dense convolution's up to rounding.
     """
     k = kernel.shape[0]
     n, h, w, _ = actv.shape
@@ -230,10 +231,7 @@ def modulation(
     if shared_kernel.shape[2] > num_classes:  # the edge channel: key K + c is class c on an edge
         pre = jnp.concatenate([pre, pre + sums[num_classes]])
     table = jax.nn.relu(pre + shared_bias) @ kernel.sum((0, 1)) + bias  # (keys, O)
-    # Image by image (unrolled): under vmap XLA:CPU copied the (H*W, O) output cotangent into
-    # the batched gathers' layout (64 MB more at the full-size step's peak), and a batched loop
-    # would run every image for the longest boundary list.
-    if n == 1:
-        return modulate_image(actv[0], kernel, bias, table, keys[0], k).reshape(n, h, w, -1)
+    # Image by image (unrolled): a vmap would batch the loops, every image running for the
+    # longest boundary list of the batch.
     out = [modulate_image(actv[b], kernel, bias, table, keys[b], k) for b in range(n)]
     return jnp.stack(out).reshape(n, h, w, -1)
