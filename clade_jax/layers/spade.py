@@ -110,7 +110,13 @@ class SPADE(nnx.Module):
 
 def _modulate(spade: SPADE, x_hat, labels, rest):
     """x_hat * (1 + gamma(actv)) + beta(actv), actv = ReLU(mlp_shared(one_hot(labels) [+ rest]))
-    (without the one-hot tensor: Conv2d's labels=)."""
+    (without the one-hot tensor: Conv2d's labels=).
+
+    Measured and not adopted (2026-12-03, benchmarks/RESULTS.md "SPADE fused gamma / beta"):
+    gamma and beta as one convolution to 2C channels (kernels side by side). Alone, fwd + bwd,
+    it took 0.76-0.96x the two convolutions' time on 64x64-256x256 grids, but the full-size
+    training step 0.95-1.00x (within this machine's spread) with 35 MB more temporaries.
+    """
     actv = jax.nn.relu(spade.mlp_shared(rest, labels=labels, num_classes=spade.num_classes))
     gamma = checkpoint_name(spade.mlp_gamma(actv), "spade_gamma")
     return x_hat * (1 + gamma) + spade.mlp_beta(actv)
