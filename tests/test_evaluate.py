@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import two_processes as mp
 from conftest import TINY_RUN_GROUP
 from flax import nnx
 from PIL import Image
@@ -244,12 +244,6 @@ def test_images_fid_and_segmentation_match_an_independent_computation(vivid, tmp
         evaluate(vivid, inception=FEATURES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _WORKER = """
 import json, sys
 sys.path.insert(0, {tests!r})
@@ -270,10 +264,10 @@ def test_two_processes_eight_devices_and_one_device_agree(vivid, tmp_path):
     written once (each process writes its own)."""
     workdir = str(tmp_path / "run")
     shutil.copytree(vivid, workdir, ignore=shutil.ignore_patterns("eval"))
-    port = _free_port()
+    port = mp.free_port()
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": mp.xla_flags(4, "--xla_force_host_platform_device_count="),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
     }
