@@ -98,7 +98,7 @@ def test_periodic_evaluation_in_two_processes_equals_one_process(vivid, tmp_path
     port = mp.free_port()
     env = {
         **os.environ,
-        "XLA_FLAGS": mp.xla_flags(mp.DEVICES_PER_PROCESS),
+        "XLA_FLAGS": mp.xla_flags(mp.DEVICES_PER_PROCESS, mp.SINGLE_THREADED),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(mp.REPO),
     }

@@ -14,8 +14,8 @@ pure rounding noise), and then spread to the BatchNorm running means and the oth
 
 The 1-process run goes in a third process (`start_one_process_run`): XLA:CPU's convolutions
 round differently in a process with another device count (pytest's 8). All three processes run
-Eigen single-threaded (`XLA_FLAGS`). The persistent compilation cache (tests/conftest.py sets
-JAX_COMPILATION_CACHE_DIR, which the processes inherit) serves both test files and, through
+Eigen single-threaded (`SINGLE_THREADED`). The persistent compilation cache (tests/conftest.py
+sets JAX_COMPILATION_CACHE_DIR, which the processes inherit) serves both test files and, through
 `_train_main`, process 1 as well as process 0: with a warm cache each test file takes ~45 s.
 """
 
@@ -38,22 +38,22 @@ DEVICES_PER_PROCESS = 1
 # can decide how a reduction is split (and so how it rounds). Seen with the multi-threaded pool:
 # one run in five, with the two cores overloaded (load ~9), went apart from the 1-process run from
 # the first update on; the identical rerun matched bitwise. Not reproduced single-threaded.
-XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count="
+SINGLE_THREADED = "--xla_cpu_multi_thread_eigen=false"
 
 
-def xla_flags(device_count: int, base: str = XLA_FLAGS) -> str:
-    """`XLA_FLAGS` for a test's subprocess with `device_count` host devices: `base` (which ends
-    in the device-count flag) after the suite's own flags other than the device count, so that
-    the subprocesses compile as the tests do (`make test`: LLVM at -O1). Measured alone on a
-    2-core Xeon, cold cache: test_multihost.py 114 s (216 CPU-s) with the subprocesses at XLA's
-    default -O3, 100 s (188 CPU-s) at the suite's -O1. Both sides of every comparison (the two
-    processes and the 1-process reference, or this process) compile with the same flags."""
+def xla_flags(device_count: int, *extra: str) -> str:
+    """`XLA_FLAGS` for a test's subprocess: the suite's own flags other than the device count (so
+    that the subprocesses compile as the tests do; `make test`: LLVM at -O1), then `extra`, then
+    `device_count` host devices. Measured alone on a 2-core Xeon, cold cache: test_multihost.py
+    114 s (216 CPU-s) with the subprocesses at XLA's default -O3, 100 s (188 CPU-s) at the
+    suite's -O1. Both sides of every comparison (the two processes and the 1-process reference,
+    or this process) compile with the same optimisation level."""
     inherited = [
         f
         for f in os.environ.get("XLA_FLAGS", "").split()
         if not f.startswith("--xla_force_host_platform_device_count")
     ]
-    return " ".join([*inherited, f"{base}{device_count}"])
+    return " ".join([*inherited, *extra, f"--xla_force_host_platform_device_count={device_count}"])
 
 
 # The tiny synthetic config with a smaller discriminator: these tests are about the processes,
@@ -89,7 +89,7 @@ def launch(workdir: Path, **overrides) -> list[subprocess.Popen]:
     port = free_port()
     env = {
         **os.environ,
-        "XLA_FLAGS": xla_flags(DEVICES_PER_PROCESS),
+        "XLA_FLAGS": xla_flags(DEVICES_PER_PROCESS, SINGLE_THREADED),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
     }
@@ -213,7 +213,7 @@ def start_one_process_run(workdir: Path, **overrides) -> subprocess.Popen:
     differences in the weight gradients, which Adam blows up as above)."""
     env = {
         **os.environ,
-        "XLA_FLAGS": xla_flags(2 * DEVICES_PER_PROCESS),
+        "XLA_FLAGS": xla_flags(2 * DEVICES_PER_PROCESS, SINGLE_THREADED),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
     }
