@@ -131,6 +131,21 @@ MUTANTS = {
         ],
         ["tests/test_spade_windows.py"],
     ),
+    "taps_input_grad_unflipped_taps": (
+        "clade_jax.layers.conv",
+        [
+            (
+                "tap = gp[:, k - 1 - i : k - 1 - i + h, k - 1 - j : k - 1 - j + wd, :]",
+                "tap = gp[:, i : i + h, j : j + wd, :]",
+            )
+        ],
+        ["tests/test_fast_conv.py"],
+    ),
+    "taps_input_grad_never_chosen": (
+        "clade_jax.layers.conv",
+        [("pixels <= 24 * 24", "pixels < 0")],
+        ["tests/test_fast_conv.py"],
+    ),
 }
 
 

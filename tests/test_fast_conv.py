@@ -2,8 +2,10 @@
 
 The custom backward must give the same input and weight gradients as the plain convolution for
 every stride / kernel / padding / odd size, in float32 and bfloat16; `weight_grad="auto"` must
-take it only on CPU and only where `taps_weight_grad_wins`; and a whole discriminator whose wide
-stride-1 layers take the fast path must have the same gradients as with the plain path.
+take it only on CPU and only where `taps_weight_grad_wins`; the tap-wise input gradient must equal
+XLA's and an independent NumPy sum and be taken only where `taps_input_grad_wins`; and a whole
+discriminator whose wide stride-1 layers take the fast path must have the same gradients as with
+the plain path.
 """
 
 from __future__ import annotations
@@ -98,6 +100,77 @@ def test_taps_weight_grad_in_bfloat16():
     assert _rel(dx, dx_ref) < 1e-2
     assert _rel(dw, dw_ref) < 1e-2
     assert float(jnp.max(jnp.abs(dw.astype(jnp.float32)))) > 0.1  # not a zero gradient
+
+
+@pytest.mark.parametrize(
+    "n,h,w,c,o,k,padding",
+    [
+        (1, 6, 6, 5, 7, 3, 1),  # the generator's 3x3 convolutions
+        (2, 5, 7, 4, 3, 3, 0),  # unpadded (pix2pixHD's reflection-padded blocks), odd sizes
+        (1, 6, 5, 3, 4, 5, 2),  # 5x5
+        (2, 4, 4, 3, 2, 4, 2),  # an even kernel with the discriminator's padding
+        (1, 5, 5, 2, 3, 3, 2),  # padding k - 1
+    ],
+)
+def test_taps_input_grad_equals_xla_and_a_numpy_sum(n, h, w, c, o, k, padding):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    kern = jnp.asarray(rng.standard_normal((k, k, c, o)), jnp.float32)
+    y, vjp = jax.vjp(lambda x_: conv_lib._plain_conv(x_, kern, 1, padding), x)  # noqa: SLF001
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    dx = conv_lib.taps_input_grad(g, kern, padding)
+    assert dx.shape == x.shape and dx.dtype == jnp.float32
+    assert _rel(dx, vjp(g)[0]) < 1e-6
+    # independently: scatter each output pixel's g @ W[i, j]^T back onto the input it read
+    ho, wo = y.shape[1], y.shape[2]
+    expect = np.zeros((n, h + 2 * padding, w + 2 * padding, c))
+    gn, kn = np.asarray(g, np.float64), np.asarray(kern, np.float64)
+    for i in range(k):
+        for j in range(k):
+            expect[:, i : i + ho, j : j + wo] += np.einsum("nhwo,co->nhwc", gn, kn[i, j])
+    expect = expect[:, padding : padding + h, padding : padding + w]
+    assert _rel(dx, expect) < 1e-6
+    # bfloat16 in, bfloat16 out (accumulated in float32)
+    dx16 = conv_lib.taps_input_grad(g.astype(jnp.bfloat16), kern.astype(jnp.bfloat16), padding)
+    assert dx16.dtype == jnp.bfloat16 and _rel(dx16, expect) < 1e-2
+
+
+def test_taps_input_grad_rejects_a_padding_it_cannot_invert():
+    g, kern = jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2, 2))
+    with pytest.raises(ValueError, match="padding"):
+        conv_lib.taps_input_grad(g, kern, 3)
+
+
+def test_auto_takes_the_taps_input_gradient_on_small_grids_with_wide_kernels(monkeypatch):
+    rule = conv_lib.taps_input_grad_wins
+    assert rule((1, 8, 8, 1024), (3, 3, 1024, 1024), 1, 1)  # SPADE / CLADE's head_0
+    assert rule((1, 16, 16, 1024), (3, 3, 1024, 1024), 1, 1)  # G_middle
+    assert rule((1, 18, 18, 1024), (3, 3, 1024, 1024), 1, 0)  # pix2pixHD's residual blocks
+    assert rule((2, 16, 16, 512), (3, 3, 512, 512), 1, 1)
+    assert not rule((1, 32, 32, 1024), (3, 3, 1024, 1024), 1, 1)  # the grid: XLA's own wins
+    assert not rule((4, 16, 16, 1024), (3, 3, 1024, 1024), 1, 1)  # (over the whole batch)
+    assert not rule((1, 16, 16, 1024), (1, 1, 1024, 1024), 1, 0)  # 1x1
+    assert not rule((1, 16, 16, 1024), (3, 3, 1024, 1024), 2, 1)  # stride 2
+    assert not rule((1, 16, 16, 128), (3, 3, 128, 1024), 1, 1)  # narrow input
+    assert not rule((1, 8, 8, 1024), (3, 3, 1024, 1024), 1, 3)  # padding beyond k - 1
+
+    calls = []
+    original = conv_lib.taps_input_grad
+    monkeypatch.setattr(conv_lib, "taps_input_grad", lambda *a: calls.append(1) or original(*a))
+    rng = np.random.default_rng(3)
+    for shape, used in (((1, 8, 8, 512), True), ((1, 32, 32, 512), False)):
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        kern = jnp.asarray(rng.standard_normal((3, 3, 512, 512)) * 0.02, jnp.float32)
+        g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        calls.clear()
+        dx, dw = _grads("auto", x, kern, 1, 1, g)
+        assert bool(calls) == used, shape
+        dx_ref, dw_ref = _grads("xla", x, kern, 1, 1, g)
+        assert _rel(dx, dx_ref) < 1e-6 and _rel(dw, dw_ref) < 1e-5
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    calls.clear()
+    _grads("auto", jnp.zeros((1, 8, 8, 512)), jnp.zeros((3, 3, 512, 512)), 1, 1, jnp.ones(()))
+    assert not calls  # the ordinary autodiff on GPU / TPU
 
 
 def _uses_taps(monkeypatch, fn, *args) -> bool:

@@ -66,6 +66,16 @@ output gradient: 0.46-0.83x XLA's time and 0.45-0.83x the row-shift form's there
 (`patches_weight_grad_wins`). It also holds less: the full-size SPADE step's temporaries went
 from 0.962 to 0.769 GB at batch 1 (the row-shift form's k shifted output gradients are gone).
 
+Tap-wise input gradient (`taps_input_grad`, stride 1): XLA:CPU's input gradient is the
+convolution of the output gradient with the flipped kernel whose channel axes it swaps by a
+(k, k, O, C) transpose, 60 ms for a 3x3 1024 -> 1024 kernel here, 6x the convolution itself on
+an 8x8 grid. On small grids with wide kernels (the generators' 1024-channel layers at 8x8 and
+16x16, pix2pixHD's residual blocks; `taps_input_grad_wins`) the CPU backward forms it instead
+as `sum_taps W[i, j] @ g_tap^T`, the kernel's contiguous (C, O) tap blocks as they are:
+0.16-0.51x XLA's time on those shapes. Full-size training step at batch 1, both programs in one
+process with steps alternating (2026-12-03, 2-core Xeon): pix2pixHD 0.930 (12.62 -> 11.74 s),
+CLADE 0.959 (3.70 -> 3.55 s), SPADE 0.993 (within the spread); temporaries unchanged.
+
 Tried and not kept: Winograd F(2x2, 3x3) and F(4x4, 3x3) for the 3x3 stride-1 convolutions
 (input / kernel / output transforms in XLA ops around one batched matrix product; backward by
 autodiff, input gradient as the same transform of the flipped kernel). Exact in real arithmetic
@@ -239,6 +249,43 @@ def patches_weight_grad(
     return dw.reshape(k, k, c, o).astype(x.dtype)
 
 
+def taps_input_grad(g: jnp.ndarray, w: jnp.ndarray, padding: int) -> jnp.ndarray:
+    """The input gradient of a stride-1 `_plain_conv` as one matrix product per kernel tap.
+
+    `dx[n, y, x] = sum_{i,j} g_pad[n, y + k-1-i, x + k-1-j, :] @ W[i, j]^T` with g zero-padded
+    by k-1-p: XLA's own form is the same convolution of g with the kernel flipped and its
+    channel axes swapped, and XLA:CPU forms that swapped kernel as a (k, k, O, C) transpose
+    (60 ms for a 3x3 1024 -> 1024 kernel on a 2-core Xeon, 5x the convolution itself at 8x8).
+    Here each tap's `W[i, j]` (C, O), contiguous in the HWIO kernel, is the left operand of
+    `W[i, j] @ g_tap^T` (C, N*H*W): no kernel copy, the small operand transposed instead; the
+    taps' products are summed (float32) and the (C, N*H*W) result is transposed back. The same
+    sum as the convolution's input gradient in real arithmetic (float rounding differs, ~5e-7
+    relative); it pays on small grids with wide kernels (`taps_input_grad_wins`).
+
+    g: (N, H', W', O) output gradient; w: (k, k, C, O) -> (N, H, W, C) in g's dtype with
+    H = H' - k + 1 + 2p (needs 0 <= p <= k - 1).
+    """
+    k, _, c, o = w.shape
+    q = k - 1 - padding
+    if not 0 <= q <= k - 1:
+        raise ValueError(f"taps_input_grad needs 0 <= padding <= {k - 1}, got {padding}")
+    n, ho, wo, _ = g.shape
+    gp = jnp.pad(g, ((0, 0), (q, q), (q, q), (0, 0)))
+    h, wd = ho + 2 * q - k + 1, wo + 2 * q - k + 1  # the input's grid
+    acc = None
+    for i in range(k):
+        for j in range(k):
+            tap = gp[:, k - 1 - i : k - 1 - i + h, k - 1 - j : k - 1 - j + wd, :]
+            term = jax.lax.dot_general(
+                w[i, j],
+                tap.reshape(n * h * wd, o),
+                (((1,), (1,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )  # (C, N*H*W)
+            acc = term if acc is None else acc + term
+    return acc.T.reshape(n, h, wd, c).astype(g.dtype)
+
+
 def after(value: jnp.ndarray, anchor: jnp.ndarray) -> jnp.ndarray:
     """`value`, computed only once `anchor` is: the same numbers, with a data dependency.
 
@@ -268,8 +315,11 @@ def _conv_cpu_bwd(stride, padding, weight_grad, residuals, g):
     # forms every layer's transposed kernel at the start of the step and holds them all (389 MB
     # of the full-size CLADE step's 1.23 GB of temporaries, batch 1).
     w_late = after(w, g)
-    _, input_vjp = jax.vjp(lambda x_: _plain_conv(x_, w_late, stride, padding), x)
-    (dx,) = input_vjp(g)
+    if taps_input_grad_wins(x.shape, w.shape, stride, padding):
+        dx = taps_input_grad(g, w_late, padding).astype(x.dtype)
+    else:
+        _, input_vjp = jax.vjp(lambda x_: _plain_conv(x_, w_late, stride, padding), x)
+        (dx,) = input_vjp(g)
     if weight_grad == "taps":
         dw = taps_weight_grad(x, g, w.shape[0], stride, padding).astype(w.dtype)
     elif weight_grad == "rows":
@@ -350,6 +400,24 @@ def patches_weight_grad_wins(x_shape, w_shape, stride: int) -> bool:
         and c <= 128
         and o >= 64
         and c * x_shape[1] * x_shape[2] >= (128 * 64 * 64)
+    )
+
+
+def taps_input_grad_wins(x_shape, w_shape, stride: int, padding: int) -> bool:
+    """Where `taps_input_grad` beats XLA:CPU's input gradient (benchmarks/convs.py, dx columns).
+
+    Measured 2026-12-03 (2-core Xeon, median of 9 jitted calls, ms, XLA / taps): 3x3 1024 -> 1024
+    at 8x8 74 / 12, 8x16 77 / 17, 16x16 89 / 28, 16x32 108 / 50, 24x24 113 / 57, 32x32 134 / 141;
+    batch 2 at 8x8 77 / 17, at 16x16 104 / 52; 5x5 1024 -> 1024 at 8x8 185 / 33; 18x18 unpadded
+    (pix2pixHD's reflection-padded blocks) 82 / 35; 512 -> 512 at 8x8 5.5 / 3.2, at 16x16
+    9.2 / 8.2, at 32x32 22 / 29; 1024 <-> 512 at 16x16 0.62-0.68x; 256 -> 1024 at 16x16 0.95x;
+    a 1x1 kernel 2x slower. So: stride 1, k > 1, at most 24 * 24 input pixels over the whole
+    batch (the grid of the matrix products' short side) and C * O >= 512 * 512.
+    """
+    k, _, c, o = w_shape
+    pixels = x_shape[0] * x_shape[1] * x_shape[2]
+    return (
+        stride == 1 and k > 1 and 0 <= padding <= k - 1 and pixels <= 24 * 24 and c * o >= 512 * 512
     )
 
 
