@@ -5,14 +5,15 @@
 The convolutions are those of the full-size ADE20k generator (CLADE and / or SPADE) and the
 multiscale discriminator at `--batch` images of `--size`^2 (the discriminator sees 2 x batch:
 [fake; real]), captured by tracing one forward of each network. For each distinct convolution
-it times, in one process and alternating: the forward, the input gradient (XLA's own and, for
-stride 1, `taps_input_grad`: one matrix product per kernel tap), XLA's own weight gradient,
-`clade_jax.layers.conv.taps_weight_grad` (the tap-wise matrix-product form) and, for stride 1,
-`rows_weight_grad` (one matrix product per kernel row, the output gradient shifted) and
-`patches_weight_grad` (a loop of im2col blocks, each one matrix product); it reports the ratios
-to XLA and which forms `weight_grad_formulation` and `taps_input_grad_wins` (the rules that
-`conv2d(weight_grad="auto")` uses on CPU) pick for that shape. The convolutions of one-hot label
-maps (SPADE's shared conv, the discriminator's first layer, the generators' `fc`) are timed
+it times, in one process and alternating: the forward; the input gradient, XLA's own and the
+other form ("dx fast": for stride 1 `taps_input_grad`, one matrix product per kernel tap; for
+larger strides `phases_input_grad`, one stride-1 convolution per output phase); XLA's own weight
+gradient, `clade_jax.layers.conv.taps_weight_grad` (the tap-wise matrix-product form) and, for
+stride 1, `rows_weight_grad` (one matrix product per kernel row, the output gradient shifted)
+and `patches_weight_grad` (a loop of im2col blocks, each one matrix product). It reports the
+ratios to XLA and which forms `weight_grad_formulation` and `input_grad_formulation` (the rules
+that `conv2d(weight_grad="auto")` uses on CPU) pick for that shape. The convolutions of one-hot
+label maps (SPADE's shared conv, the discriminator's first layer, the generators' `fc`) are timed
 apart: the one-hot convolution vs `onehot_conv`'s tap-wise gather (what the layers use on CPU),
 forward and weight gradient. Appends a dated block to benchmarks/RESULTS.md.
 """
@@ -114,8 +115,12 @@ def bench_shape(x_shape, w_shape, stride, padding, repeats, rng):
             lambda a, b, gy: conv_lib.taps_weight_grad(a, gy, b.shape[0], stride, padding)
         ),
     }
-    if stride == 1 and 0 <= padding < w_shape[0]:
-        fns["dx_taps"] = jax.jit(lambda a, b, gy: conv_lib.taps_input_grad(gy, b, padding))
+    if stride == 1 and 0 <= padding < w_shape[0]:  # the other input-gradient form
+        fns["dx_fast"] = jax.jit(lambda a, b, gy: conv_lib.taps_input_grad(gy, b, padding))
+    elif stride >= 2 and w_shape[0] >= stride:
+        fns["dx_fast"] = jax.jit(
+            lambda a, b, gy: conv_lib.phases_input_grad(gy, b, stride, padding, a.shape[1:3])
+        )
     if stride == 1 and w_shape[0] > 1:
         fns["dw_rows"] = jax.jit(
             lambda a, b, gy: conv_lib.rows_weight_grad(a, gy, b.shape[0], padding)
@@ -130,9 +135,9 @@ def bench_shape(x_shape, w_shape, stride, padding, repeats, rng):
         for k in fns
         if k.startswith("dw_")
     )
-    if "dx_taps" in fns:  # the tap-wise input gradient against XLA's
+    if "dx_fast" in fns:  # the tap-wise / phase-wise input gradient against XLA's
         ref_dx = fns["dx"](x, w, g)[0]
-        dx_err = float(jnp.linalg.norm(fns["dx_taps"](x, w, g) - ref_dx) / jnp.linalg.norm(ref_dx))
+        dx_err = float(jnp.linalg.norm(fns["dx_fast"](x, w, g) - ref_dx) / jnp.linalg.norm(ref_dx))
         err = max(err, dx_err)
     return {k: time_fn(f, args[k], repeats) for k, f in fns.items()}, err
 
@@ -167,7 +172,7 @@ def main() -> None:
     shapes = capture_shapes(args.norms.split(","), args.batch, args.size)
     rng = np.random.default_rng(0)
     header = (
-        f"{'x shape':>20} {'kernel':>18} s p | {'fwd':>8} {'dx':>8} {'dx taps':>8} dx auto "
+        f"{'x shape':>20} {'kernel':>18} s p | {'fwd':>8} {'dx':>8} {'dx fast':>8} dx auto "
         f"{'dw xla':>9} "
         f"{'dw taps':>8} {'dw rows':>8} {'dw patch':>8} {'taps/xla':>8} {'rows/xla':>8} "
         f"{'ptch/xla':>8} auto    rel.err  where"
@@ -182,13 +187,13 @@ def main() -> None:
         auto = conv_lib.weight_grad_formulation(xs, ws, s)
         total["xla"] += t["dw_xla"]
         total["auto"] += t["dw_" + auto]
-        rows, patches, dx_taps = t.get("dw_rows"), t.get("dw_patches"), t.get("dx_taps")
-        dx_auto = "taps" if conv_lib.taps_input_grad_wins(xs, ws, s, p) else "xla"
+        rows, patches, dx_fast = t.get("dw_rows"), t.get("dw_patches"), t.get("dx_fast")
+        dx_auto = conv_lib.input_grad_formulation(xs, ws, s, p)
         total["dx_xla"] += t["dx"]
-        total["dx_auto"] += dx_taps if dx_auto == "taps" else t["dx"]
+        total["dx_auto"] += t["dx"] if dx_auto == "xla" else dx_fast
         line = (
             f"{str(xs):>20} {str(ws):>18} {s} {p} | {t['fwd'] * 1e3:7.1f}m {t['dx'] * 1e3:7.1f}m "
-            + (f"{dx_taps * 1e3:7.1f}m " if dx_taps else f"{'-':>8} ")
+            + (f"{dx_fast * 1e3:7.1f}m " if dx_fast else f"{'-':>8} ")
             + f"{dx_auto:7} {t['dw_xla'] * 1e3:8.1f}m {t['dw_taps'] * 1e3:7.1f}m "
             + (f"{rows * 1e3:7.1f}m " if rows else f"{'-':>8} ")
             + (f"{patches * 1e3:7.1f}m " if patches else f"{'-':>8} ")

@@ -141,6 +141,21 @@ MUTANTS = {
         ],
         ["tests/test_fast_conv.py"],
     ),
+    "phases_input_grad_unflipped_subkernels": (
+        "clade_jax.layers.conv",
+        [
+            (
+                "kernel = jnp.flip(sub, (0, 1)).transpose(0, 1, 3, 2)",
+                "kernel = sub.transpose(0, 1, 3, 2)",
+            )
+        ],
+        ["tests/test_fast_conv.py"],
+    ),
+    "phases_input_grad_never_chosen": (
+        "clade_jax.layers.conv",
+        [("c >= 16 and size >= LATE_INPUT_BYTES", "c >= 16 and size < 0")],
+        ["tests/test_fast_conv.py"],
+    ),
     "taps_input_grad_never_chosen": (
         "clade_jax.layers.conv",
         [("pixels <= 24 * 24", "pixels < 0")],

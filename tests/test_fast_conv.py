@@ -2,10 +2,11 @@
 
 The custom backward must give the same input and weight gradients as the plain convolution for
 every stride / kernel / padding / odd size, in float32 and bfloat16; `weight_grad="auto"` must
-take it only on CPU and only where `taps_weight_grad_wins`; the tap-wise input gradient must equal
-XLA's and an independent NumPy sum and be taken only where `taps_input_grad_wins`; and a whole
-discriminator whose wide stride-1 layers take the fast path must have the same gradients as with
-the plain path.
+take it only on CPU and only where `taps_weight_grad_wins`; the tap-wise (stride 1) and
+phase-wise (strided) input gradients must equal XLA's and an independent NumPy sum and be taken
+only where `input_grad_formulation` says; and a whole discriminator on the fast paths must have
+the same weight gradients and the same gradient with respect to its input image as on the plain
+path.
 """
 
 from __future__ import annotations
@@ -135,6 +136,41 @@ def test_taps_input_grad_equals_xla_and_a_numpy_sum(n, h, w, c, o, k, padding):
     assert dx16.dtype == jnp.bfloat16 and _rel(dx16, expect) < 1e-2
 
 
+@pytest.mark.parametrize(
+    "n,h,w,c,o,k,stride,padding",
+    [
+        (2, 11, 10, 5, 7, 4, 2, 2),  # the discriminator's stride-2 layers, odd sizes
+        (2, 8, 8, 3, 5, 4, 2, 2),  # even sizes
+        (1, 9, 9, 3, 4, 3, 2, 1),  # the encoders' 3x3 stride-2 convolutions
+        (1, 10, 10, 3, 2, 3, 2, 0),  # no padding
+        (1, 7, 9, 2, 3, 1, 2, 0),  # a kernel smaller than the stride: some phases get nothing
+        (1, 12, 12, 2, 3, 5, 3, 2),  # stride 3
+        (1, 6, 6, 2, 2, 3, 1, 1),  # stride 1: one phase, the flipped kernel
+    ],
+)
+def test_phases_input_grad_equals_xla_and_a_numpy_sum(n, h, w, c, o, k, stride, padding):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    kern = jnp.asarray(rng.standard_normal((k, k, c, o)), jnp.float32)
+    conv = lambda x_: conv_lib._plain_conv(x_, kern, stride, padding)  # noqa: SLF001
+    y, vjp = jax.vjp(conv, x)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    dx = conv_lib.phases_input_grad(g, kern, stride, padding, (h, w))
+    assert dx.shape == x.shape and dx.dtype == jnp.float32
+    assert _rel(dx, vjp(g)[0]) < 1e-6
+    # independently: each output pixel's g @ W[i, j]^T added onto the input pixel it read
+    ho, wo = y.shape[1], y.shape[2]
+    s = stride
+    expect = np.zeros((n, h + 2 * padding + s * k, w + 2 * padding + s * k, c))
+    gn, kn = np.asarray(g, np.float64), np.asarray(kern, np.float64)
+    for i in range(k):
+        for j in range(k):
+            term = np.einsum("nhwo,co->nhwc", gn, kn[i, j])
+            expect[:, i : i + s * ho : s, j : j + s * wo : s] += term
+    expect = expect[:, padding : padding + h, padding : padding + w]
+    assert _rel(dx, expect) < 1e-6
+
+
 def test_taps_input_grad_rejects_a_padding_it_cannot_invert():
     g, kern = jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2, 2))
     with pytest.raises(ValueError, match="padding"):
@@ -171,6 +207,70 @@ def test_auto_takes_the_taps_input_gradient_on_small_grids_with_wide_kernels(mon
     calls.clear()
     _grads("auto", jnp.zeros((1, 8, 8, 512)), jnp.zeros((3, 3, 512, 512)), 1, 1, jnp.ones(()))
     assert not calls  # the ordinary autodiff on GPU / TPU
+
+
+def test_auto_takes_the_phases_input_gradient_for_strided_convolutions_of_large_inputs(
+    monkeypatch,
+):
+    rule = conv_lib.phases_input_grad_wins
+    assert rule((2, 128, 128, 154), (4, 4, 154, 64), 2, 2)  # D's second scale, first layer
+    assert rule((2, 129, 129, 64), (4, 4, 64, 128), 2, 2)
+    assert rule((1, 256, 256, 64), (3, 3, 64, 128), 2, 1)  # an encoder's 3x3 stride 2
+    assert not rule((2, 256, 256, 3), (4, 4, 3, 64), 2, 2)  # the image channels
+    assert not rule((2, 33, 33, 128), (4, 4, 128, 256), 2, 2)  # a small input
+    assert not rule((2, 129, 129, 64), (4, 4, 64, 128), 1, 2)  # stride 1
+    assert not rule((2, 129, 129, 64), (1, 1, 64, 128), 2, 0)  # a kernel smaller than the stride
+    assert conv_lib.input_grad_formulation((1, 8, 8, 1024), (3, 3, 1024, 1024), 1, 1) == "taps"
+    assert conv_lib.input_grad_formulation((2, 129, 129, 64), (4, 4, 64, 128), 2, 2) == "phases"
+    assert conv_lib.input_grad_formulation((2, 33, 33, 128), (4, 4, 128, 256), 2, 2) == "xla"
+
+    calls = []
+    original = conv_lib.phases_input_grad
+    monkeypatch.setattr(conv_lib, "phases_input_grad", lambda *a: calls.append(1) or original(*a))
+    rng = np.random.default_rng(5)
+    kern = jnp.asarray(rng.standard_normal((4, 4, 64, 8)) * 0.05, jnp.float32)
+    for shape, used in (((1, 128, 128, 64), True), ((1, 32, 32, 64), False)):  # 4 MiB, 256 KiB
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        g = jnp.asarray(rng.standard_normal((1, shape[1] // 2 + 1, shape[2] // 2 + 1, 8)))
+        calls.clear()
+        dx, dw = _grads("auto", x, kern, 2, 2, g)
+        assert bool(calls) == used, shape
+        dx_ref, dw_ref = _grads("xla", x, kern, 2, 2, g)
+        assert _rel(dx, dx_ref) < 1e-6 and _rel(dw, dw_ref) < 1e-5
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    calls.clear()
+    x = jnp.zeros((1, 128, 128, 64))
+    _grads("auto", x, kern, 2, 2, jnp.ones(()))
+    assert not calls  # the ordinary autodiff on GPU / TPU
+
+
+def test_discriminator_input_gradient_equal_with_and_without_the_fast_path(monkeypatch):
+    """The gradient that the G step sends through D into the fake image: with every strided
+    layer's input gradient in phases (the input-size threshold lowered to 0) as with XLA's."""
+    rng = np.random.default_rng(6)
+    labels = jnp.asarray(rng.integers(0, 5, (2, 40, 40)), jnp.int32)
+    image = jnp.asarray(rng.uniform(-1, 1, (2, 40, 40, 3)), jnp.float32)
+    d = MultiscaleDiscriminator(5, ndf=64, n_layers=4, num_D=2, rngs=nnx.Rngs(0))
+    d.eval()  # the stored spectral-norm vectors: no state written under the gradient's trace
+    calls = []
+    original = conv_lib.phases_input_grad
+    monkeypatch.setattr(
+        conv_lib, "phases_input_grad", lambda *a: calls.append(a[1].shape) or original(*a)
+    )
+    monkeypatch.setattr(conv_lib, "LATE_INPUT_BYTES", 0)
+
+    def loss(im):
+        feats = d(labels, im)
+        return sum(jnp.mean(f[-1]) + sum(jnp.mean(jnp.abs(x)) for x in f[:-1]) for f in feats)
+
+    fast = jax.grad(loss)(image)
+    # the 64 -> 128 and 128 -> 256 stride-2 layers of both scales (the first layers' inputs
+    # have fewer than 16 channels)
+    assert sorted(calls) == [(4, 4, 64, 128)] * 2 + [(4, 4, 128, 256)] * 2
+    with conv_lib.plain_formulation():
+        plain = jax.grad(loss)(image)
+    assert float(jnp.max(jnp.abs(plain))) > 0
+    assert _rel(fast, plain) < 1e-5
 
 
 def _uses_taps(monkeypatch, fn, *args) -> bool:

@@ -28,8 +28,9 @@ arithmetic as a matrix product (benchmarks/convs.py, benchmarks/RESULTS.md). `co
 has a `jax.custom_vjp` whose backward forms the weight gradient from the kernel taps: for each
 tap (i, j) the strided slice of the padded input, all taps stacked, contracted with the output
 gradient in one `dot_general`, `dW[i, j] = sum_{n,y,x} x_pad[n, s*y+i, s*x+j, :]^T g[n, y, x, :]`,
-which is the same sum in real arithmetic (float rounding differs, ~1e-6 relative). The input
-gradient and the forward are XLA's own. `weight_grad="auto"` (the default) takes this path only
+which is the same sum in real arithmetic (float rounding differs, ~1e-6 relative). The forward
+is XLA's own, and so is the input gradient except where the tap-wise or phase-wise forms below
+measured faster (`input_grad_formulation`). `weight_grad="auto"` (the default) takes this path only
 on the CPU backend and only for the shapes where it measured faster (`taps_weight_grad_wins`);
 on GPU / TPU every convolution is the plain `lax.conv_general_dilated` and its ordinary
 autodiff. `"xla"` and `"taps"` force one or the other (tests check both give the same gradients).
@@ -75,6 +76,15 @@ as `sum_taps W[i, j] @ g_tap^T`, the kernel's contiguous (C, O) tap blocks as th
 0.16-0.51x XLA's time on those shapes. Full-size training step at batch 1, both programs in one
 process with steps alternating (2026-12-03, 2-core Xeon): pix2pixHD 0.930 (12.62 -> 11.74 s),
 CLADE 0.959 (3.70 -> 3.55 s), SPADE 0.993 (within the spread); temporaries unchanged.
+
+Phase-wise input gradient (`phases_input_grad`, stride >= 2): XLA's input gradient of a strided
+convolution convolves the output gradient dilated by the stride (zeros between its pixels), so
+stride^2 times the arithmetic, mostly on zeros; each output phase (y mod s, x mod s) receives only
+the taps `W[r::s, q::s]`, so the CPU backward forms it as s^2 stride-1 convolutions with those
+sub-kernels, interleaved. 0.28-0.50x XLA's time for the discriminator's 4x4 stride-2 layers on
+large inputs (`phases_input_grad_wins`); full-size training step, in one process, alternating
+(2026-12-03, Xeon): CLADE b1 0.922 (3.44 -> 3.17 s), SPADE b1 0.942 (7.39 -> 6.96 s), CLADE b4
+0.866 (15.63 -> 13.54 s).
 
 Tried and not kept: Winograd F(2x2, 3x3) and F(4x4, 3x3) for the 3x3 stride-1 convolutions
 (input / kernel / output transforms in XLA ops around one batched matrix product; backward by
@@ -315,8 +325,11 @@ def _conv_cpu_bwd(stride, padding, weight_grad, residuals, g):
     # forms every layer's transposed kernel at the start of the step and holds them all (389 MB
     # of the full-size CLADE step's 1.23 GB of temporaries, batch 1).
     w_late = after(w, g)
-    if taps_input_grad_wins(x.shape, w.shape, stride, padding):
+    dx_formulation = input_grad_formulation(x.shape, w.shape, stride, padding)
+    if dx_formulation == "taps":
         dx = taps_input_grad(g, w_late, padding).astype(x.dtype)
+    elif dx_formulation == "phases":
+        dx = phases_input_grad(g, w_late, stride, padding, x.shape[1:3]).astype(x.dtype)
     else:
         _, input_vjp = jax.vjp(lambda x_: _plain_conv(x_, w_late, stride, padding), x)
         (dx,) = input_vjp(g)
@@ -403,6 +416,47 @@ def patches_weight_grad_wins(x_shape, w_shape, stride: int) -> bool:
     )
 
 
+def phases_input_grad(
+    g: jnp.ndarray, w: jnp.ndarray, stride: int, padding: int, input_hw: tuple[int, int]
+) -> jnp.ndarray:
+    """The input gradient of a strided `_plain_conv` as stride^2 stride-1 convolutions of g.
+
+    XLA's own form convolves g dilated by the stride (zeros between its pixels) with the
+    flipped kernel: stride^2 times the arithmetic, most of it on zeros. The input pixels of one
+    phase (y mod s, x mod s) = (r, q) receive only the taps `W[r::s, q::s]`, so
+    `dx[s t + r - p, s t' + q - p] = sum_{m, m'} g[t - m, t' - m'] W[r + s m, q + s m']^T`:
+    for each phase a stride-1 ("full") correlation of g with that flipped, channel-swapped
+    sub-kernel, and the s^2 results interleaved (a reshape). The same sum as the dilated
+    convolution's in real arithmetic, without the zeros (float rounding differs, ~1e-7).
+
+    g: (N, H', W', O); w: (k, k, C, O); input_hw: (H, W) of the input -> (N, H, W, C).
+    """
+    k, _, c, o = w.shape
+    s, p = stride, padding
+    n, ho, wo, _ = g.shape
+    h, wd = input_hw
+    t0, t1h, t1w = p // s, -(-(p + h) // s), -(-(p + wd) // s)  # phase rows / columns covered
+    rows = []
+    for r in range(s):
+        cols = []
+        for q in range(s):
+            sub = w[r::s, q::s]  # (K_r, K_q, C, O): the taps that reach phase (r, q)
+            kr, kq = sub.shape[0], sub.shape[1]
+            if kr == 0 or kq == 0:  # a kernel smaller than the stride reaches no such pixel
+                cols.append(jnp.zeros((n, t1h - t0, t1w - t0, c), g.dtype))
+                continue
+            kernel = jnp.flip(sub, (0, 1)).transpose(0, 1, 3, 2)  # (K_r, K_q, O, C)
+            # z[t] = sum_m g[t - m] sub[m]^T for t in [t0, t1): padding may be negative (a crop)
+            pad = ((kr - 1 - t0, t1h - ho), (kq - 1 - t0, t1w - wo))
+            cols.append(
+                jax.lax.conv_general_dilated(g, kernel, (1, 1), pad, dimension_numbers=_DIMENSIONS)
+            )
+        rows.append(jnp.stack(cols, axis=3))  # (N, T, T', s, C): phases q of row phase r
+    z = jnp.stack(rows, axis=2).reshape(n, (t1h - t0) * s, (t1w - t0) * s, c)
+    off = p - s * t0
+    return z[:, off : off + h, off : off + wd]
+
+
 def taps_input_grad_wins(x_shape, w_shape, stride: int, padding: int) -> bool:
     """Where `taps_input_grad` beats XLA:CPU's input gradient (benchmarks/convs.py, dx columns).
 
@@ -419,6 +473,34 @@ def taps_input_grad_wins(x_shape, w_shape, stride: int, padding: int) -> bool:
     return (
         stride == 1 and k > 1 and 0 <= padding <= k - 1 and pixels <= 24 * 24 and c * o >= 512 * 512
     )
+
+
+def phases_input_grad_wins(x_shape, w_shape, stride: int, padding: int) -> bool:
+    """Where `phases_input_grad` beats XLA:CPU's input gradient (benchmarks/convs.py, dx columns).
+
+    Measured 2026-12-03 (2-core Xeon, median of 9 jitted calls, ms, XLA / phases): the
+    discriminator's 4x4 stride-2 layers 154 -> 64 at 128x128 (its second scale's input, batch 2)
+    68.5 / 19.5 (batch 8: 304 / 76), 64 -> 128 at 129x129 25.1 / 9.9 (batch 8: 114 / 57),
+    128 -> 256 at 65x65 11.0 / 10.0, 64 -> 128 at 65x65 4.0 / 3.6, 128 -> 256 at 33x33 4.1 / 3.5;
+    the encoders' 3x3 stride-2 64 -> 128 at 256x256 29.7 / 12.8, 128 -> 256 at 128x128
+    11.8 / 11.4, 256 -> 512 at 64x64 12.2 / 10.8; but 3 -> 64 at 256x256 (the image channels)
+    3.3 / 8.1. So: stride >= 2, a kernel at least the stride, at least 16 input channels, and an
+    input of at least `LATE_INPUT_BYTES` as float32 (below, a millisecond at most to gain
+    against the compile time of the custom backward).
+    """
+    k, _, c, _ = w_shape
+    size = x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3] * 4
+    return stride >= 2 and k >= stride and c >= 16 and size >= LATE_INPUT_BYTES
+
+
+def input_grad_formulation(x_shape, w_shape, stride: int, padding: int) -> str:
+    """The input-gradient form the CPU backward uses: "taps", "phases" or "xla" (XLA's own),
+    each where it measured faster (`taps_input_grad_wins`, `phases_input_grad_wins`)."""
+    if taps_input_grad_wins(x_shape, w_shape, stride, padding):
+        return "taps"
+    if phases_input_grad_wins(x_shape, w_shape, stride, padding):
+        return "phases"
+    return "xla"
 
 
 def weight_grad_formulation(x_shape, w_shape, stride: int) -> str:
@@ -450,8 +532,9 @@ def conv2d(
         return _conv_cpu(x, w, stride, padding, weight_grad)
     if weight_grad == "auto" and cpu_fast_path():
         formulation = weight_grad_formulation(x.shape, w.shape, stride)
+        fast_dx = input_grad_formulation(x.shape, w.shape, stride, padding) != "xla"
         big = w.size * w.dtype.itemsize >= LATE_KERNEL_BYTES
-        if formulation != "xla" or big or x.size * x.dtype.itemsize >= LATE_INPUT_BYTES:
+        if formulation != "xla" or fast_dx or big or x.size * x.dtype.itemsize >= LATE_INPUT_BYTES:
             return _conv_cpu(x, w, stride, padding, formulation)
     return _plain_conv(x, w, stride, padding)
 
