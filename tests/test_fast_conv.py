@@ -190,23 +190,9 @@ def test_auto_takes_the_taps_input_gradient_on_small_grids_with_wide_kernels(mon
     assert not rule((1, 16, 16, 128), (3, 3, 128, 1024), 1, 1)  # narrow input
     assert not rule((1, 8, 8, 1024), (3, 3, 1024, 1024), 1, 3)  # padding beyond k - 1
 
-    calls = []
-    original = conv_lib.taps_input_grad
-    monkeypatch.setattr(conv_lib, "taps_input_grad", lambda *a: calls.append(1) or original(*a))
-    rng = np.random.default_rng(3)
-    for shape, used in (((1, 8, 8, 512), True), ((1, 32, 32, 512), False)):
-        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-        kern = jnp.asarray(rng.standard_normal((3, 3, 512, 512)) * 0.02, jnp.float32)
-        g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-        calls.clear()
-        dx, dw = _grads("auto", x, kern, 1, 1, g)
-        assert bool(calls) == used, shape
-        dx_ref, dw_ref = _grads("xla", x, kern, 1, 1, g)
-        assert _rel(dx, dx_ref) < 1e-6 and _rel(dw, dw_ref) < 1e-5
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    calls.clear()
-    _grads("auto", jnp.zeros((1, 8, 8, 512)), jnp.zeros((3, 3, 512, 512)), 1, 1, jnp.ones(()))
-    assert not calls  # the ordinary autodiff on GPU / TPU
+    kern = jnp.asarray(np.random.default_rng(3).standard_normal((3, 3, 512, 512)) * 0.02)
+    cases = (((1, 8, 8, 512), (1, 8, 8, 512), True), ((1, 32, 32, 512), (1, 32, 32, 512), False))
+    _check_auto_input_grad(monkeypatch, "taps_input_grad", cases, kern, 1, 1)
 
 
 def test_auto_takes_the_phases_input_gradient_for_strided_convolutions_of_large_inputs(
@@ -224,23 +210,33 @@ def test_auto_takes_the_phases_input_gradient_for_strided_convolutions_of_large_
     assert conv_lib.input_grad_formulation((2, 129, 129, 64), (4, 4, 64, 128), 2, 2) == "phases"
     assert conv_lib.input_grad_formulation((2, 33, 33, 128), (4, 4, 128, 256), 2, 2) == "xla"
 
+    kern = jnp.asarray(np.random.default_rng(5).standard_normal((4, 4, 64, 8)) * 0.05)
+    cases = (  # inputs of 4 MiB and 256 KiB
+        ((1, 128, 128, 64), (1, 65, 65, 8), True),
+        ((1, 32, 32, 64), (1, 17, 17, 8), False),
+    )
+    _check_auto_input_grad(monkeypatch, "phases_input_grad", cases, kern, 2, 2)
+
+
+def _check_auto_input_grad(monkeypatch, name, cases, kern, stride, padding):
+    """`conv2d(weight_grad="auto")`'s CPU backward calls `conv_lib.<name>` exactly for the
+    cases marked so, with XLA's gradients, and never off CPU.
+    cases: ((x shape, output-gradient shape, whether it is used), ...)."""
     calls = []
-    original = conv_lib.phases_input_grad
-    monkeypatch.setattr(conv_lib, "phases_input_grad", lambda *a: calls.append(1) or original(*a))
-    rng = np.random.default_rng(5)
-    kern = jnp.asarray(rng.standard_normal((4, 4, 64, 8)) * 0.05, jnp.float32)
-    for shape, used in (((1, 128, 128, 64), True), ((1, 32, 32, 64), False)):  # 4 MiB, 256 KiB
-        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-        g = jnp.asarray(rng.standard_normal((1, shape[1] // 2 + 1, shape[2] // 2 + 1, 8)))
+    original = getattr(conv_lib, name)
+    monkeypatch.setattr(conv_lib, name, lambda *a: calls.append(1) or original(*a))
+    rng = np.random.default_rng(7)
+    for x_shape, g_shape, used in cases:
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        g = jnp.asarray(rng.standard_normal(g_shape), jnp.float32)
         calls.clear()
-        dx, dw = _grads("auto", x, kern, 2, 2, g)
-        assert bool(calls) == used, shape
-        dx_ref, dw_ref = _grads("xla", x, kern, 2, 2, g)
+        dx, dw = _grads("auto", x, kern, stride, padding, g)
+        assert bool(calls) == used, x_shape
+        dx_ref, dw_ref = _grads("xla", x, kern, stride, padding, g)
         assert _rel(dx, dx_ref) < 1e-6 and _rel(dw, dw_ref) < 1e-5
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     calls.clear()
-    x = jnp.zeros((1, 128, 128, 64))
-    _grads("auto", x, kern, 2, 2, jnp.ones(()))
+    _grads("auto", jnp.zeros(cases[0][0]), kern, stride, padding, jnp.ones(()))
     assert not calls  # the ordinary autodiff on GPU / TPU
 
 
