@@ -81,7 +81,7 @@ Phase-wise input gradient (`phases_input_grad`, stride >= 2): XLA's input gradie
 convolution convolves the output gradient dilated by the stride (zeros between its pixels), so
 stride^2 times the arithmetic, mostly on zeros; each output phase (y mod s, x mod s) receives only
 the taps `W[r::s, q::s]`, so the CPU backward forms it as s^2 stride-1 convolutions with those
-sub-kernels, interleaved. 0.28-0.50x XLA's time for the discriminator's 4x4 stride-2 layers on
+sub-kernels, interleaved. 0.15-0.50x XLA's time for the discriminator's 4x4 stride-2 layers on
 large inputs (`phases_input_grad_wins`); full-size training step, in one process, alternating
 (2026-12-03, Xeon): CLADE b1 0.922 (3.44 -> 3.17 s), SPADE b1 0.942 (7.39 -> 6.96 s), CLADE b4
 0.866 (15.63 -> 13.54 s).
@@ -265,7 +265,7 @@ def taps_input_grad(g: jnp.ndarray, w: jnp.ndarray, padding: int) -> jnp.ndarray
     `dx[n, y, x] = sum_{i,j} g_pad[n, y + k-1-i, x + k-1-j, :] @ W[i, j]^T` with g zero-padded
     by k-1-p: XLA's own form is the same convolution of g with the kernel flipped and its
     channel axes swapped, and XLA:CPU forms that swapped kernel as a (k, k, O, C) transpose
-    (60 ms for a 3x3 1024 -> 1024 kernel on a 2-core Xeon, 5x the convolution itself at 8x8).
+    (60 ms for a 3x3 1024 -> 1024 kernel on a 2-core Xeon, 6x the convolution itself at 8x8).
     Here each tap's `W[i, j]` (C, O), contiguous in the HWIO kernel, is the left operand of
     `W[i, j] @ g_tap^T` (C, N*H*W): no kernel copy, the small operand transposed instead; the
     taps' products are summed (float32) and the (C, N*H*W) result is transposed back. The same
