@@ -7,10 +7,12 @@ Full-size ADE20k networks (151 classes, ngf 64, ndf 64, two discriminator scales
 one G update + one D update per step (`clade_jax.training.step.train_step`), label maps of
 `--regions` Voronoi regions of random classes (default 40; `--regions 0`: every pixel its own random
 class, the workload of the blocks before 2026-12-02 14:00), random images, state donated.
-`--spade_windows` turns on `model.spade_windows` (SPADE's modulation only at boundary pixels, whose
-cost depends on the label maps: the children report the interior fraction). Every (model, batch)
-runs in a fresh process, the processes alternating within each round, so each process's peak RSS
-is that of one training process. Each process reports:
+`--spade_windows auto|on|off` sets `model.spade_windows` (SPADE's modulation only at boundary
+pixels, whose cost depends on the label maps); "auto" (the default, as in training) is resolved
+from the benchmark's label maps as the trainer resolves it from its first batch; the children
+report the interior fraction and the choice. Every (model, batch) runs in a fresh process, the
+processes alternating within each round, so each process's peak RSS is that of one training
+process. Each process reports:
 
 * compile: lowering + XLA compilation of the step (the first round with an empty persistent
   compilation cache, later rounds with the cache the first one filled), and
@@ -77,7 +79,7 @@ def region_labels(rng, batch: int, size: int, regions: int, classes: int = 151):
 
 
 def child(
-    norm: str, batch: int, size: int, steps: int, parts: bool, regions: int, windows: bool
+    norm: str, batch: int, size: int, steps: int, parts: bool, regions: int, windows: str
 ) -> dict:
     """Measure one (norm, batch) in this process; returns the numbers as a dict."""
     import functools
@@ -89,6 +91,7 @@ def child(
 
     from clade_jax.configs import ade20k
     from clade_jax.layers import spade_windows
+    from clade_jax.models import build
     from clade_jax.training import runtime
     from clade_jax.training import step as step_lib
     from clade_jax.training.memory import release_host_memory
@@ -98,14 +101,15 @@ def child(
     config.loss.lambda_vgg = 0.0
     config.data.crop_size = size
     config.model.spade_windows = windows
+    rng = np.random.default_rng(0)
+    labels = region_labels(rng, batch, size, regions)
+    inner = spade_windows.interior_fraction(labels, config.data.num_classes)
+    build.resolve_spade_windows(config, inner)  # "auto" -> on / off, as the trainer does
     # Built as the trainer builds it (clade_jax.training.loop): one jit-compiled initialization,
     # not op by op (eager init leaves ~0.2 GB of per-op executables in jax's caches).
     # The step is compiled from shapes before the state exists, as the trainer does.
     make = lambda key: GANState(config, 1000, rngs=nnx.Rngs(key))
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: make(runtime.init_key(0))))
-    rng = np.random.default_rng(0)
-    labels = region_labels(rng, batch, size, regions)
-    inner = np.asarray(spade_windows.interior(jnp.asarray(labels), 3)).mean()
     data = {
         "label": jnp.asarray(labels),
         "image": jnp.asarray(rng.uniform(-1, 1, (batch, size, size, 3)), jnp.float32),
@@ -117,7 +121,8 @@ def child(
     )
     t = time.perf_counter()
     compiled = fn.lower(abstract_state, data, jnp.int32(0), key, None).compile()
-    out = {"compile_s": time.perf_counter() - t, "interior": float(inner)}
+    out = {"compile_s": time.perf_counter() - t, "interior": inner}
+    out["spade_windows"] = config.model.spade_windows
     mem = compiled.memory_analysis()
     out["temp_gb"] = mem.temp_size_in_bytes / 1e9
     out["state_gb"] = mem.argument_size_in_bytes / 1e9
@@ -179,6 +184,13 @@ def child(
     return out
 
 
+def windows_note(res: dict) -> str:
+    """' (windows on, interior 0.77)' for a SPADE cell whose windowed modulation was on."""
+    if res.get("spade_windows") == "on":
+        return f" (windows on, interior {res['interior']:.2f})"
+    return ""
+
+
 def run_child(norm, batch, args, parts, cache_dir, ynnpack=False) -> dict:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir)
     if ynnpack:  # jaxlib's default convolutions instead of the Eigen ones the entry points pick
@@ -186,7 +198,7 @@ def run_child(norm, batch, args, parts, cache_dir, ynnpack=False) -> dict:
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{norm},{batch}"]
     cmd += ["--size", str(args.size), "--steps", str(args.steps)] + (["--parts"] if parts else [])
-    cmd += ["--regions", str(args.regions)] + (["--spade_windows"] if args.windows else [])
+    cmd += ["--regions", str(args.regions)] + ["--spade_windows", args.windows]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{norm} batch {batch} failed:\n{res.stderr[-3000:]}")
@@ -210,7 +222,8 @@ def main() -> None:
     p.add_argument(
         "--spade_windows",
         dest="windows",
-        action="store_true",
+        default="auto",
+        choices=["auto", "on", "off"],
         help="model.spade_windows: SPADE's uniform-window tables (clade_jax.layers.spade_windows)",
     )
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -265,7 +278,8 @@ def main() -> None:
         first, later = results[c][0], results[c][1:]
         cached = f"{statistics.median(x['compile_s'] for x in later):.1f}" if later else "-"
         lines.append(
-            f"| {c[0].upper()} | {c[1]} | {med(c, 'step_s'):.2f} | {c[1] / med(c, 'step_s'):.3f} "
+            f"| {c[0].upper()}{windows_note(first)} | {c[1]} | {med(c, 'step_s'):.2f} "
+            f"| {c[1] / med(c, 'step_s'):.3f} "
             f"| {first['g_step_s']:.2f} | {first['d_step_s']:.2f} | {first['d_fwd_bwd_s']:.2f} "
             f"| {first['g_regen_s']:.2f} | {max(x['peak_rss_gb'] for x in results[c]):.2f} "
             f"| {first['temp_gb']:.2f} | {first['compile_s']:.1f} / {cached} |"

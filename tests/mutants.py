@@ -131,6 +131,28 @@ MUTANTS = {
         ],
         ["tests/test_spade_windows.py"],
     ),
+    # The trainer's "auto" choice of the windowed modulation: the threshold compared the wrong
+    # way, and the iterator not put back after the batch the choice read.
+    "spade_windows_auto_inverted": (
+        "clade_jax.models.build",
+        [
+            (
+                "interior >= spade_windows.AUTO_MIN_INTERIOR",
+                "interior < spade_windows.AUTO_MIN_INTERIOR",
+            )
+        ],
+        ["tests/test_spade_windows.py"],
+    ),
+    "spade_windows_auto_consumes_a_batch": (
+        "clade_jax.training.loop",
+        [
+            (
+                '    labels = next(iterator)["label"]\n    iterator.set_state(position)\n',
+                '    labels = next(iterator)["label"]\n',
+            )
+        ],
+        ["tests/test_spade_windows.py"],
+    ),
     "taps_input_grad_unflipped_taps": (
         "clade_jax.layers.conv",
         [

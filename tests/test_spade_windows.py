@@ -241,3 +241,99 @@ def test_spade_layer_keeps_the_dense_path_below_min_pixels_or_when_off(monkeypat
     monkeypatch.setattr(sw, "MIN_PIXELS", 16 * 16)
     _spade_outputs(False, labels, edges)  # windows off
     assert calls == []
+
+
+# ------------------------------------------------------------- the trainer's "auto" choice
+
+
+def test_interior_fraction_counts_uniform_windows_and_never_invalid_labels():
+    rng = np.random.default_rng(1)
+    labels = _regions(rng, 2, 20, 23, 5, 4)
+    labels[1, 5, 5] = 7  # outside the 4 classes: no table row
+    keys = np.where(labels < 4, labels, -1)
+    want = _interior_numpy(keys, 3).mean()
+    assert 0.2 < want < 0.9
+    assert sw.interior_fraction(labels, 4) == pytest.approx(want, abs=1e-7)
+    assert sw.interior_fraction(np.zeros((1, 9, 9), np.int32), 4) == pytest.approx(25 / 81)
+    with pytest.raises(ValueError, match=r"\(N, H, W\).*\(9, 9\)"):
+        sw.interior_fraction(np.zeros((9, 9), np.int32), 4)
+
+
+def _model_config(norm, windows, generator="spade_clade"):
+    from clade_jax.configs import synthetic
+
+    config = synthetic.get_config("tiny")
+    config.model.norm, config.model.generator = norm, generator
+    with config.ignore_type():  # a bool: the field of configs written on 2026-12-02/03
+        config.model.spade_windows = windows
+    return config
+
+
+def test_auto_windows_follow_the_interior_fraction_and_only_for_spade():
+    from clade_jax.models import build
+
+    t = sw.AUTO_MIN_INTERIOR
+    for norm, interior, want in [
+        ("spade", t, "on"),
+        ("spade", t - 0.01, "off"),
+        ("spade", 0.95, "on"),
+        ("clade", 0.95, "off"),
+    ]:
+        config = _model_config(norm, "auto")
+        assert build.resolve_spade_windows(config, interior) == want, (norm, interior)
+        assert config.model.spade_windows == want
+        assert build.spade_windows_enabled(config) is (want == "on")
+    config = _model_config("spade", "auto", generator="pix2pixhd")  # no SPADE layer
+    assert build.resolve_spade_windows(config, 0.95) == "off"
+    for fixed in ("on", "off", True, False):  # an explicit choice stays as it is
+        config = _model_config("spade", fixed)
+        assert build.resolve_spade_windows(config, 0.0 if fixed in ("on", True) else 1.0) is None
+        assert config.model.spade_windows == fixed
+        assert build.spade_windows_enabled(config) is (fixed in ("on", True))
+    config = _model_config("spade", "auto")
+    assert build.spade_windows_enabled(config) is False  # unresolved: the dense path
+    config.model.spade_windows = "sometimes"
+    with pytest.raises(ValueError, match="spade_windows.*'sometimes'"):
+        build.resolve_spade_windows(config, 0.9)
+
+
+def test_the_built_generator_takes_the_resolved_choice():
+    from clade_jax.models import build
+
+    for windows, want in [("on", True), ("off", False), ("auto", False)]:
+        gen = build.build_generator(_model_config("spade", windows), rngs=nnx.Rngs(0))
+        layers = [m for _, m in nnx.iter_graph(gen) if isinstance(m, SPADE)]
+        assert layers and all(m.windows is want for m in layers), windows
+
+
+class _Batches:
+    """An iterator with grain's get_state / set_state over fixed label batches."""
+
+    def __init__(self, batches):
+        self.batches, self.position = batches, 0
+
+    def __next__(self):
+        self.position += 1
+        return {"label": self.batches[self.position - 1]}
+
+    def get_state(self):
+        return self.position
+
+    def set_state(self, position):
+        self.position = position
+
+
+def test_the_trainer_resolves_auto_from_its_first_batch_and_puts_it_back():
+    from clade_jax.training.loop import _resolve_spade_windows
+
+    rng = np.random.default_rng(2)
+    blocky = np.repeat(np.repeat(rng.integers(0, 4, (1, 2, 2)), 32, 1), 32, 2)  # 64x64, 4 cells
+    noisy = rng.integers(0, 4, (1, 64, 64))  # almost no uniform 5x5 window
+    for first, want in [(blocky, "on"), (noisy, "off")]:
+        config = _model_config("spade", "auto")
+        config.data.num_classes = 4
+        batches = _Batches([first, noisy if first is blocky else blocky])
+        resolved = _resolve_spade_windows(config, batches)
+        assert resolved.model.spade_windows == want
+        assert config.model.spade_windows == "auto"  # the caller's config is left alone
+        assert batches.position == 0  # the batch it read is read again by the training loop

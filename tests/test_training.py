@@ -51,6 +51,8 @@ def test_tiny_run_writes_checkpoints_events_and_images(tiny_run):
     assert samples == ["step_0000002.png", "step_0000004.png"]
     saved = checkpoint.load_config(workdir)
     assert saved.model.norm == config.model.norm and saved.num_train_steps == 4
+    # "auto" resolved before the model was built, and recorded (a CLADE model: off)
+    assert config.model.spade_windows == "auto" and saved.model.spade_windows == "off"
     from PIL import Image
 
     grid = np.asarray(Image.open(os.path.join(workdir, "samples", samples[-1])))

@@ -108,8 +108,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.spectral_norm = True  # spectral norm on the generator's residual-block convs
     # SPADE on CPU: modulation convolutions only where the 5x5 label window is not uniform
     # (clade_jax/layers/spade_windows.py; equal up to float rounding; faster on piecewise-
-    # constant label maps, slower where most pixels are boundaries; off by default, see there)
-    m.spade_windows = False
+    # constant label maps, slower where most pixels are boundaries). auto | on | off; "auto":
+    # the trainer turns it on when >= 60% of the pixels of the first training batch are interior
+    # (models.build.resolve_spade_windows) and records the choice in the workdir's config
+    m.spade_windows = "auto"
     m.use_vae = False  # VAE style encoder + KL term (multi-modal, style-guided synthesis)
     m.z_dim = 256  # latent size of the VAE path
     m.unpool_num = -1  # unpool: upsamplings that unpool (-1: all but the last, seed 003)

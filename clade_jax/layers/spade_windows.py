@@ -31,11 +31,18 @@ at 24%, 1.32-1.34x at 95% (every pixel its own class); the full-size ADE20k SPAD
 step at batch 1 on 40-region maps: see benchmarks/RESULTS.md ("SPADE windows").
 
 Where it is used (`spade.SPADE(windows=True)`, `config.model.spade_windows`): the CPU fast path
-(`conv.cpu_fast_path`) on grids of at least `MIN_PIXELS` pixels. Off by default: it is slower on
-maps where most pixels are boundaries, and it raised the full-size SPADE step's temporaries from
-0.77 to 0.84 GB (at the peak, the forward gathers of two 256x256 layers' gamma and beta are live
-for the backward pass). GPU / TPU keep the plain convolutions; `conv.plain_formulation()` forces
-them here too (the tests compare).
+(`conv.cpu_fast_path`) on grids of at least `MIN_PIXELS` pixels. It is slower on maps where most
+pixels are boundaries, and it raises the full-size SPADE step's temporaries from 0.77 to 0.84 GB
+(at the peak, the forward gathers of two 256x256 layers' gamma and beta are live for the
+backward pass). So the trainer chooses it from the data (`config.model.spade_windows = "auto"`,
+the default; `models.build.resolve_spade_windows`): on where the first training batch's
+`interior_fraction` is at least `AUTO_MIN_INTERIOR`. The full-size ADE20k SPADE step at batch 1,
+windows / dense (2026-12-03, 2-core Xeon with AVX-512, two steps compiled in one process, 4
+alternating rounds): 0.866 at interior 0.765 (40 Voronoi regions), 0.990 at 0.574 (150
+regions), 1.281 at 0 (every pixel its own class): break-even just under 0.574, so the threshold
+is 0.6. MIN_PIXELS = 64^2 or 32^2 instead of 128^2 made the windowed step 1.012 / 1.020x
+slower, CHUNK = 1024 0.995x (not adopted). GPU / TPU keep the
+plain convolutions; `conv.plain_formulation()` forces them here too (the tests compare).
 """
 
 from __future__ import annotations
@@ -78,6 +85,19 @@ def interior(keys: jnp.ndarray, kernel_size: int) -> jnp.ndarray:
     for di in range(2 * r + 1):
         out &= rows[:, di : di + h] & (padded[:, di : di + h, r : r + w] == keys)
     return out
+
+
+# Windows on from this interior fraction: above the step's measured break-even (module docstring).
+AUTO_MIN_INTERIOR = 0.6
+
+
+def interior_fraction(labels, num_classes: int, kernel_size: int = 3) -> float:
+    """Fraction of the pixels of label maps (N, H, W) whose (2k-1)^2 window is uniform
+    (`interior` of `uniform_keys`; labels outside [0, num_classes) are never interior)."""
+    labels = jnp.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"label maps must be (N, H, W), got shape {labels.shape}")
+    return float(interior(uniform_keys(labels, num_classes), kernel_size).mean())
 
 
 def _dilate(mask: jnp.ndarray, radius: int) -> jnp.ndarray:

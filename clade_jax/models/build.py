@@ -63,11 +63,44 @@ def _spade_kwargs(config) -> dict:
         use_instance=d.use_instance,
         icpe=d.icpe,
         spectral_norm=m.spectral_norm,
-        spade_windows=m.get("spade_windows", False),  # configs written before it: off
+        spade_windows=spade_windows_enabled(config),
         norm_kwargs={"switchable_batch": m.switchable_batch}
         if m.param_free_norm == "switchable"
         else None,
     )
+
+
+SPADE_WINDOWS = ("auto", "on", "off")
+
+
+def spade_windows_enabled(config) -> bool:
+    """`model.spade_windows` as SPADE's `windows`: "on" / "off"; "auto" is "off" until the trainer
+    resolves it from the data (`resolve_spade_windows`); configs written before the field: off,
+    and those of 2026-12-02/03 hold a bool."""
+    value = config.model.get("spade_windows", "off")
+    if isinstance(value, bool):
+        return value
+    if value not in SPADE_WINDOWS:
+        raise ValueError(
+            f"config.model.spade_windows must be one of {SPADE_WINDOWS}, got {value!r}"
+        )
+    return value == "on"
+
+
+def resolve_spade_windows(config, interior: float) -> str | None:
+    """Turn `model.spade_windows = "auto"` into "on" or "off" (in place) for training label maps
+    whose interior fraction (`spade_windows.interior_fraction`) is `interior`: "on" where it is at
+    least `spade_windows.AUTO_MIN_INTERIOR` and the generator has SPADE layers. Returns the
+    choice, or None when the field was not "auto" (left as it is)."""
+    from clade_jax.layers import spade_windows
+
+    if config.model.get("spade_windows", "off") != "auto":
+        spade_windows_enabled(config)  # validates
+        return None
+    uses_spade = config.model.norm == "spade" and generator_name(config) != "pix2pixhd"
+    choice = "on" if uses_spade and interior >= spade_windows.AUTO_MIN_INTERIOR else "off"
+    config.model.spade_windows = choice
+    return choice
 
 
 def generator_kwargs(config) -> dict:

@@ -34,6 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from clade_jax.data import make_source, make_train_iterator
+from clade_jax.layers import spade_windows
+from clade_jax.models import build
 from clade_jax.models.vgg import load_vgg19
 from clade_jax.training import checkpoint, runtime
 from clade_jax.training.compile_cache import enable_compilation_cache
@@ -100,12 +102,20 @@ def train_and_evaluate(
         jax.process_index(),
         ", ".join(sorted({_device_name(d) for d in mesh.devices.flat})),
     )
-    checkpoint.write_config(config, workdir)
     dataset_size = len(make_source(config.data, "train"))
     num_steps = total_steps(config, dataset_size)
     factor = lr_factor(config, dataset_size)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+    iterator = make_train_iterator(
+        config.data,
+        global_batch_size=config.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    config = _resolve_spade_windows(config, iterator)
+    checkpoint.write_config(config, workdir)
 
     init_key = runtime.init_key(config.seed)
     train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -115,12 +125,6 @@ def train_and_evaluate(
     vgg = load_vgg19(config.loss.vgg_weights) if config.loss.lambda_vgg > 0 else None
     vgg = jax.device_put(vgg, replicated) if vgg is not None else None
 
-    iterator = make_train_iterator(
-        config.data,
-        global_batch_size=config.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
     # Compiled from shapes before the state exists (see `make_train_step`).
     step_fn = make_train_step(graphdef, config, state_sharding, batch_sharding)
     step_fn.compile(
@@ -203,6 +207,33 @@ def train_and_evaluate(
     manager.close()
     writer.close()
     return graphdef, state
+
+
+def _resolve_spade_windows(config, iterator):
+    """`config`, or a copy with `model.spade_windows = "auto"` turned into "on" / "off" from the
+    first training batch's label maps (their interior fraction, averaged over the processes so
+    that all build one program); reads one batch and puts the iterator back. A resumed run
+    resolves it from the same first batch (before the restore moves the iterator), so it makes
+    the same choice."""
+    if config.model.get("spade_windows", "off") != "auto":
+        build.resolve_spade_windows(config, 0.0)  # validates the field
+        return config
+    position = iterator.get_state()
+    labels = next(iterator)["label"]
+    iterator.set_state(position)
+    fraction = spade_windows.interior_fraction(labels, config.data.num_classes)
+    if jax.process_count() > 1:
+        fraction = float(np.mean(multihost_utils.process_allgather(np.float32(fraction))))
+    config = config.copy_and_resolve_references()
+    choice = build.resolve_spade_windows(config, fraction)
+    log.info(
+        "model.spade_windows: auto -> %s (interior fraction of the first batch %.3f; threshold "
+        "%.2f, clade_jax/layers/spade_windows.py)",
+        choice,
+        fraction,
+        spade_windows.AUTO_MIN_INTERIOR,
+    )
+    return config
 
 
 def _device_name(device) -> str:
