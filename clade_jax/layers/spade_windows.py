@@ -39,8 +39,10 @@ the default; `models.build.resolve_spade_windows`): on where the first training 
 `interior_fraction` is at least `AUTO_MIN_INTERIOR`. The full-size ADE20k SPADE step at batch 1,
 windows / dense (2026-12-03, 2-core Xeon with AVX-512, two steps compiled in one process, 4
 alternating rounds): 0.866 at interior 0.765 (40 Voronoi regions), 0.990 at 0.574 (150
-regions), 1.281 at 0 (every pixel its own class): break-even just under 0.574, so the threshold
-is 0.6. MIN_PIXELS = 64^2 or 32^2 instead of 128^2 made the windowed step 1.012 / 1.020x
+regions), 1.281 at 0 (every pixel its own class); on the 2-core AMD EPYC (AVX2) of the issue,
+`benchmarks/spade_windows.py`, 2026-12-04: 0.909 at 0.765, 0.886 at 0.683, 0.903 at 0.644,
+1.049 at 0.574, 1.234 at 0. Break-even between 0.574 and 0.644 on both, so the threshold is 0.6.
+MIN_PIXELS = 64^2 or 32^2 instead of 128^2 made the windowed step 1.012 / 1.020x
 slower, CHUNK = 1024 0.995x (not adopted). GPU / TPU keep the
 plain convolutions; `conv.plain_formulation()` forces them here too (the tests compare).
 """
