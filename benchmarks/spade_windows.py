@@ -91,9 +91,9 @@ def child(batch: int, size: int, regions: int, rounds: int, steps: int) -> dict:
                 p["times"].append(time.perf_counter() - t)
     for windows, p in programs.items():
         out[f"step_{windows}_s"] = statistics.median(p["times"])
-    out["interior"] = spade_windows.interior_fraction(labels, 151)
-    config.model.spade_windows = "auto"
-    out["auto"] = build.resolve_spade_windows(config, out["interior"])
+    out["interior"] = spade_windows.interior_fraction(labels, config.data.num_classes)
+    auto = ade20k.get_config("norm=spade")  # what the trainer's default would pick here
+    out["auto"] = build.resolve_spade_windows(auto, out["interior"])
     out["peak_rss_gb"] = _peak_rss_gb()
     return out
 

@@ -312,8 +312,11 @@ class _Batches:
     def __init__(self, batches):
         self.batches, self.position = batches, 0
 
+    reads = 0
+
     def __next__(self):
         self.position += 1
+        self.reads += 1
         return {"label": self.batches[self.position - 1]}
 
     def get_state(self):
@@ -337,3 +340,7 @@ def test_the_trainer_resolves_auto_from_its_first_batch_and_puts_it_back():
         assert resolved.model.spade_windows == want
         assert config.model.spade_windows == "auto"  # the caller's config is left alone
         assert batches.position == 0  # the batch it read is read again by the training loop
+    config = _model_config("clade", "auto")  # no SPADE layer: "off" without reading a batch
+    batches = _Batches([blocky])
+    assert _resolve_spade_windows(config, batches).model.spade_windows == "off"
+    assert batches.reads == 0

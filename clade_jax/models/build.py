@@ -87,6 +87,11 @@ def spade_windows_enabled(config) -> bool:
     return value == "on"
 
 
+def has_spade_layers(config) -> bool:
+    """Whether the generator that `config` builds has SPADE layers (pix2pixHD has none)."""
+    return config.model.norm == "spade" and generator_name(config) != "pix2pixhd"
+
+
 def resolve_spade_windows(config, interior: float) -> str | None:
     """Turn `model.spade_windows = "auto"` into "on" or "off" (in place) for training label maps
     whose interior fraction (`spade_windows.interior_fraction`) is `interior`: "on" where it is at
@@ -97,8 +102,9 @@ def resolve_spade_windows(config, interior: float) -> str | None:
     if config.model.get("spade_windows", "off") != "auto":
         spade_windows_enabled(config)  # validates
         return None
-    uses_spade = config.model.norm == "spade" and generator_name(config) != "pix2pixhd"
-    choice = "on" if uses_spade and interior >= spade_windows.AUTO_MIN_INTERIOR else "off"
+    choice = (
+        "on" if has_spade_layers(config) and interior >= spade_windows.AUTO_MIN_INTERIOR else "off"
+    )
     config.model.spade_windows = choice
     return choice
 

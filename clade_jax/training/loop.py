@@ -212,11 +212,18 @@ def train_and_evaluate(
 def _resolve_spade_windows(config, iterator):
     """`config`, or a copy with `model.spade_windows = "auto"` turned into "on" / "off" from the
     first training batch's label maps (their interior fraction, averaged over the processes so
-    that all build one program); reads one batch and puts the iterator back. A resumed run
-    resolves it from the same first batch (before the restore moves the iterator), so it makes
-    the same choice."""
+    that all build one program); for a generator with SPADE layers it reads one batch and puts
+    the iterator back. A resumed run resolves it from the same first batch (before the restore
+    moves the iterator), so it makes the same choice."""
     if config.model.get("spade_windows", "off") != "auto":
-        build.resolve_spade_windows(config, 0.0)  # validates the field
+        build.spade_windows_enabled(config)  # validates the field
+        return config
+    config = config.copy_and_resolve_references()
+    if not build.has_spade_layers(config):  # "off" without reading a batch
+        log.info(
+            "model.spade_windows: auto -> %s (no SPADE layer)",
+            build.resolve_spade_windows(config, 0.0),
+        )
         return config
     position = iterator.get_state()
     labels = next(iterator)["label"]
@@ -224,7 +231,6 @@ def _resolve_spade_windows(config, iterator):
     fraction = spade_windows.interior_fraction(labels, config.data.num_classes)
     if jax.process_count() > 1:
         fraction = float(np.mean(multihost_utils.process_allgather(np.float32(fraction))))
-    config = config.copy_and_resolve_references()
     choice = build.resolve_spade_windows(config, fraction)
     log.info(
         "model.spade_windows: auto -> %s (interior fraction of the first batch %.3f; threshold "
